@@ -1,0 +1,41 @@
+# snatgw: `make test` and `make demo` are the two commands a newcomer needs (as root).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PKGS := iptables libnetfilter-queue-dev iperf3 iputils-ping tcpdump conntrack netcat-openbsd curl iproute2 build-essential python3-dev
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test unit integration lint demo bench clean lab-up lab-down
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(VENV)" $(APT_PKGS)
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check gateway tests scripts
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest -q tests/integration
+
+test: setup lint
+	$(VENV)/bin/pytest -q tests
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	$(PY) scripts/bench.py
+
+lab-up: setup
+	$(VENV)/bin/snatgw lab up
+
+lab-down: setup
+	$(VENV)/bin/snatgw lab down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
