@@ -1,0 +1,89 @@
+"""The gateway's iptables rules (KERNEL_NOTES.md, "Diverting packets").
+
+All rules live in chains of our own (``SNATGW-*``) reached by one jump from
+each built-in chain, installed in one ``iptables-restore --noflush`` call so
+the rule set appears atomically. Removal is idempotent and also clears what
+a crashed run left behind.
+
+What the rules do:
+- raw PREROUTING: no conntrack for forwarded inside traffic and for traffic
+  to the public addresses (the kernel must not track tuples we rewrite);
+- mangle PREROUTING: mark forwarded inside traffic; queue traffic arriving
+  on the outside for a public address (return traffic, rewritten before the
+  routing decision);
+- mangle POSTROUTING: queue marked inside traffic leaving on the outside;
+- filter FORWARD: from the outside to the inside only packets the gateway
+  translated (it marks them) pass.
+No ``--queue-bypass``: without the gateway the kernel drops queued packets
+(fail closed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Iterable, Sequence
+
+CHAIN_PREFIX = "SNATGW-"
+#: Mark bit for packets that came in on the inside and are forwarded.
+MARK_INSIDE = 0x20000000
+#: Mark bit the gateway sets on return packets it translated.
+MARK_TRANSLATED = 0x10000000
+
+#: (table, built-in chain, our chain)
+JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("raw", "PREROUTING", "SNATGW-PRE"),
+    ("mangle", "PREROUTING", "SNATGW-PRE"),
+    ("mangle", "POSTROUTING", "SNATGW-POST"),
+    ("filter", "FORWARD", "SNATGW-FWD"),
+)
+
+
+def ruleset(inside: str, outside: str, queue: int, publics: Iterable[int]) -> str:
+    """The ``iptables-restore --noflush`` input for one gateway."""
+    pubs = [str(ipaddress.IPv4Address(p)) for p in publics]
+    m_in = f"0x{MARK_INSIDE:x}/0x{MARK_INSIDE:x}"
+    m_tr = f"0x{MARK_TRANSLATED:x}/0x{MARK_TRANSLATED:x}"
+    q = f"-j NFQUEUE --queue-num {queue}"
+    fwd_inside = f"-i {inside} -m addrtype ! --dst-type LOCAL"
+    lines = ["*raw", ":SNATGW-PRE - [0:0]", f"-A SNATGW-PRE {fwd_inside} -j CT --notrack"]
+    lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 -j CT --notrack" for p in pubs]
+    lines += ["-I PREROUTING 1 -j SNATGW-PRE", "COMMIT"]
+    lines += ["*mangle", ":SNATGW-PRE - [0:0]", ":SNATGW-POST - [0:0]"]
+    lines += [f"-A SNATGW-PRE {fwd_inside} -j MARK --set-xmark {m_in}"]
+    lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 {q}" for p in pubs]
+    lines += [f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {q}"]
+    lines += ["-I PREROUTING 1 -j SNATGW-PRE", "-I POSTROUTING 1 -j SNATGW-POST", "COMMIT"]
+    lines += ["*filter", ":SNATGW-FWD - [0:0]"]
+    lines += [f"-A SNATGW-FWD -i {outside} -o {inside} -m mark ! --mark {m_tr} -j DROP"]
+    lines += ["-I FORWARD 1 -j SNATGW-FWD", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def _run(argv: Sequence[str], data: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), input=data, capture_output=True, text=True, check=False)
+
+
+def install(inside: str, outside: str, queue: int, publics: Iterable[int]) -> None:
+    """Remove any stale rules, then install ours atomically; raise RuntimeError on failure."""
+    remove()
+    res = _run(["iptables-restore", "--noflush", "-w"], ruleset(inside, outside, queue, publics))
+    if res.returncode != 0:
+        raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")
+
+
+def remove() -> None:
+    """Delete our jumps and chains wherever they are; safe to call any time."""
+    for table, builtin, chain in JUMPS:
+        for _ in range(64):
+            if _run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain]).returncode:
+                break
+    for table, _builtin, chain in JUMPS:
+        _run(["iptables", "-w", "-t", table, "-F", chain])
+        _run(["iptables", "-w", "-t", table, "-X", chain])
+
+
+def present() -> list[str]:
+    """Lines of ``iptables-save`` that mention our chains (empty when clean)."""
+    res = _run(["iptables-save"])
+    return [line for line in res.stdout.splitlines() if CHAIN_PREFIX in line]

@@ -1,0 +1,253 @@
+"""Reading the TOML configuration into a :class:`~gateway.core.model.GatewayModel`.
+
+Every problem is reported as one :class:`ConfigError` naming the file, the
+key and the problem, before anything on the system is touched (the CLI
+prints it as one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.core.errors import ModelError
+from gateway.core.model import (
+    Frontend,
+    GatewayModel,
+    InstanceIp,
+    LbRule,
+    Pool,
+    Timeouts,
+)
+from gateway.core.pool import resolve
+from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS
+
+
+class ConfigError(Exception):
+    """A configuration file the gateway refuses, with where and why."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        super().__init__(f"{path}: {key}: {problem}")
+        self.path = path
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole configuration: where the gateway sits, and the model."""
+
+    path: str
+    inside: str
+    outside: str
+    queue: int
+    model: GatewayModel
+    queue_maxlen: int = 4096
+
+
+_SECTIONS = {"gateway", "frontends", "pools", "lb_rules", "instance_ips", "default_snat"}
+_GATEWAY_KEYS = {
+    "inside",
+    "outside",
+    "queue",
+    "queue_maxlen",
+    "idle_timeout",
+    "tcp_fin_linger",
+    "tcp_rst_linger",
+    "exhaustion_event_interval",
+}
+
+
+class _Reader:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, key, problem)
+
+    def table(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+        for k in value:
+            if k not in allowed:
+                raise self.fail(f"{key}.{k}" if key else k, "unknown key")
+        for k in sorted(required):
+            if k not in value:
+                raise self.fail(f"{key}.{k}" if key else k, "missing")
+        return value
+
+    def array(self, value: Any, key: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(key, "must be an array")
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "must be a non-empty string")
+        return value
+
+    def ip(self, value: Any, key: str) -> int:
+        try:
+            addr = ipaddress.IPv4Address(value) if isinstance(value, str) else None
+        except ValueError:
+            addr = None
+        if addr is None:
+            raise self.fail(key, f"{value!r} is not an IPv4 address")
+        if (
+            addr.is_unspecified
+            or addr.is_multicast
+            or addr.is_loopback
+            or addr == ipaddress.IPv4Address("255.255.255.255")
+        ):
+            raise self.fail(key, f"{value} cannot be used here")
+        return int(addr)
+
+    def integer(self, value: Any, key: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(key, f"must be an integer from {lo} to {hi}")
+        return value
+
+    def seconds(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+            raise self.fail(key, "must be a number of seconds above 0 and at most 86400")
+        return float(value)
+
+
+def parse(text: str, path: str) -> GatewayConfig:
+    """Validate ``text`` (TOML) and build the configuration; raise ConfigError."""
+    r = _Reader(path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise r.fail("(syntax)", str(e)) from None
+    r.table(doc, "", _SECTIONS, {"gateway"})
+    gw = r.table(doc["gateway"], "gateway", _GATEWAY_KEYS, {"inside", "outside"})
+    inside = r.string(gw["inside"], "gateway.inside")
+    outside = r.string(gw["outside"], "gateway.outside")
+    if len(inside) > 15 or len(outside) > 15:
+        raise r.fail(
+            "gateway.inside" if len(inside) > 15 else "gateway.outside",
+            "interface names have at most 15 characters",
+        )
+    if inside == outside:
+        raise r.fail("gateway.outside", "must differ from gateway.inside")
+    queue = r.integer(gw.get("queue", 0), "gateway.queue", 0, 65535)
+    maxlen = r.integer(gw.get("queue_maxlen", 4096), "gateway.queue_maxlen", 16, 1 << 20)
+    timeouts = Timeouts(
+        idle=r.seconds(gw.get("idle_timeout", 240), "gateway.idle_timeout"),
+        tcp_fin_linger=r.seconds(gw.get("tcp_fin_linger", 10), "gateway.tcp_fin_linger"),
+        tcp_rst_linger=r.seconds(gw.get("tcp_rst_linger", 2), "gateway.tcp_rst_linger"),
+    )
+    interval = r.seconds(gw.get("exhaustion_event_interval", 10), "gateway.exhaustion_event_interval")
+
+    publics: dict[int, str] = {}
+
+    def claim(ip: int, key: str) -> None:
+        if ip in publics:
+            raise r.fail(key, f"{ipaddress.IPv4Address(ip)} is already used by {publics[ip]}")
+        publics[ip] = key
+
+    frontends: list[Frontend] = []
+    for i, item in enumerate(r.array(doc.get("frontends", []), "frontends")):
+        k = f"frontends[{i}]"
+        t = r.table(item, k, {"name", "ip"}, {"name", "ip"})
+        name = r.string(t["name"], f"{k}.name")
+        if any(f.name == name for f in frontends):
+            raise r.fail(f"{k}.name", f"frontend {name!r} is defined twice")
+        ip = r.ip(t["ip"], f"{k}.ip")
+        claim(ip, f"{k}.ip")
+        frontends.append(Frontend(name, ip))
+
+    pools: list[Pool] = []
+    for i, item in enumerate(r.array(doc.get("pools", []), "pools")):
+        k = f"pools[{i}]"
+        t = r.table(item, k, {"name", "members"}, {"name", "members"})
+        name = r.string(t["name"], f"{k}.name")
+        if any(p.name == name for p in pools):
+            raise r.fail(f"{k}.name", f"pool {name!r} is defined twice")
+        raw = r.array(t["members"], f"{k}.members")
+        if len(raw) > MAX_BACKENDS_PER_ADDRESS:
+            raise r.fail(
+                f"{k}.members", f"{len(raw)} members, at most {MAX_BACKENDS_PER_ADDRESS} are allowed"
+            )
+        members: list[int] = []
+        for j, m in enumerate(raw):
+            ip = r.ip(m, f"{k}.members[{j}]")
+            if ip in members:
+                raise r.fail(f"{k}.members[{j}]", f"{m} is listed twice")
+            members.append(ip)
+        pools.append(Pool(name, tuple(members)))
+
+    rules: list[LbRule] = []
+    fe_names = {f.name for f in frontends}
+    pool_names = {p.name for p in pools}
+    for i, item in enumerate(r.array(doc.get("lb_rules", []), "lb_rules")):
+        k = f"lb_rules[{i}]"
+        keys = {"name", "frontend", "pool", "protocol", "frontend_port", "backend_port"}
+        t = r.table(item, k, keys, keys)
+        name = r.string(t["name"], f"{k}.name")
+        fe = r.string(t["frontend"], f"{k}.frontend")
+        if fe not in fe_names:
+            raise r.fail(f"{k}.frontend", f"no frontend named {fe!r}")
+        pool = r.string(t["pool"], f"{k}.pool")
+        if pool not in pool_names:
+            raise r.fail(f"{k}.pool", f"no pool named {pool!r}")
+        proto = r.string(t["protocol"], f"{k}.protocol")
+        if proto not in ("tcp", "udp", "all"):
+            raise r.fail(f"{k}.protocol", f"{proto!r} is not one of tcp, udp, all")
+        fport = r.integer(t["frontend_port"], f"{k}.frontend_port", 1, 65535)
+        bport = r.integer(t["backend_port"], f"{k}.backend_port", 1, 65535)
+        rules.append(LbRule(name, fe, pool, proto, fport, bport))
+
+    instances: list[InstanceIp] = []
+    privates: set[int] = set()
+    for i, item in enumerate(r.array(doc.get("instance_ips", []), "instance_ips")):
+        k = f"instance_ips[{i}]"
+        t = r.table(item, k, {"private", "public"}, {"private", "public"})
+        priv = r.ip(t["private"], f"{k}.private")
+        if priv in privates:
+            raise r.fail(f"{k}.private", f"{t['private']} already has an instance IP")
+        privates.add(priv)
+        pub = r.ip(t["public"], f"{k}.public")
+        claim(pub, f"{k}.public")
+        instances.append(InstanceIp(priv, pub))
+
+    defaults: list[int] = []
+    if "default_snat" in doc:
+        t = r.table(doc["default_snat"], "default_snat", {"ips"}, {"ips"})
+        for j, a in enumerate(r.array(t["ips"], "default_snat.ips")):
+            ip = r.ip(a, f"default_snat.ips[{j}]")
+            claim(ip, f"default_snat.ips[{j}]")
+            defaults.append(ip)
+
+    for ip, key in publics.items():
+        if ip in privates or any(ip in p.members for p in pools):
+            raise r.fail(key, f"{ipaddress.IPv4Address(ip)} is both public and a backend")
+
+    model = GatewayModel(
+        frontends=tuple(frontends),
+        pools=tuple(pools),
+        lb_rules=tuple(rules),
+        instance_ips=tuple(instances),
+        default_snat=tuple(defaults),
+        timeouts=timeouts,
+        exhaustion_event_interval=interval,
+    )
+    try:
+        resolve(model)
+    except ModelError as e:
+        raise r.fail(e.key, e.problem) from None
+    return GatewayConfig(path, inside, outside, queue, model, maxlen)
+
+
+def load(path: str | Path) -> GatewayConfig:
+    """Read and validate the file at ``path``; raise ConfigError (also if unreadable)."""
+    p = str(path)
+    try:
+        text = Path(p).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(p, "(file)", f"cannot read: {e}") from None
+    return parse(text, p)

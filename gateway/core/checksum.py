@@ -1,0 +1,55 @@
+"""Internet checksum (RFC 1071) and its incremental update (RFC 1624).
+
+A translation changes a few fixed 16-bit words (an address, a port). Their
+effect on a checksum is a constant per flow: :func:`delta` computes it once
+when the flow is created and :func:`apply` folds it into each packet's
+checksum, so the per-packet cost does not depend on the packet's length.
+"""
+
+from __future__ import annotations
+
+
+def fold(x: int) -> int:
+    """Fold a one's-complement sum to 16 bits (end-around carry)."""
+    while x > 0xFFFF:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """Folded one's-complement sum of ``data`` as big-endian 16-bit words.
+
+    Since 2**16 is 1 modulo 0xFFFF, the sum of the words is the whole buffer
+    read as one big integer modulo 0xFFFF (RFC 1071 section 2), which CPython
+    computes in C. A non-zero sum that is a multiple of 0xFFFF folds to 0xFFFF.
+    """
+    b = bytes(data)
+    if len(b) % 2:
+        b += b"\0"
+    x = int.from_bytes(b, "big")
+    return x % 0xFFFF or (0xFFFF if x else 0)
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """RFC 1071 checksum of ``data`` plus an optional pre-summed ``initial``."""
+    return ~fold(ones_sum(data) + initial) & 0xFFFF
+
+
+def delta(old: bytes, new: bytes) -> int:
+    """The RFC 1624 term ``~m + m'`` summed over the words of ``old`` -> ``new``.
+
+    ``old`` and ``new`` have the same even length. The result is folded and
+    can be added to other deltas before :func:`apply`.
+    """
+    d = 0
+    for i in range(0, len(old), 2):
+        d += (~int.from_bytes(old[i : i + 2], "big") & 0xFFFF) + int.from_bytes(new[i : i + 2], "big")
+    return fold(d)
+
+
+def apply(csum: int, d: int) -> int:
+    """RFC 1624 eqn. 3: ``HC' = ~(~HC + ~m + m')`` with the precomputed ``d``."""
+    x = (~csum & 0xFFFF) + d
+    x = (x & 0xFFFF) + (x >> 16)
+    x = (x & 0xFFFF) + (x >> 16)
+    return ~x & 0xFFFF

@@ -1,0 +1,84 @@
+"""The operator's intent as plain data: frontends, pools, LB rules, instance
+IPs, default SNAT addresses and timeouts (OUTBOUND_MODEL.md, "Words").
+
+:func:`gateway.config.load` builds a :class:`GatewayModel` from TOML; the
+core takes it as given and derives everything else (scenarios, tiers, blocks).
+Addresses are kept as ``int`` so the core never parses strings per packet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Flow lifetimes in seconds (OUTBOUND_MODEL.md, "Idle timeout").
+
+    ``tcp_fin_linger`` and ``tcp_rst_linger`` are how long a TCP flow's port
+    stays reserved after FIN from both sides or a RST: long enough to carry
+    the last ACK and a retransmitted FIN or RST, short enough to give ports
+    back quickly (see docs/decisions.md).
+    """
+
+    idle: float = 240.0
+    tcp_fin_linger: float = 10.0
+    tcp_rst_linger: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    name: str
+    ip: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LbRule:
+    name: str
+    frontend: str
+    pool: str
+    protocol: str
+    frontend_port: int
+    backend_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceIp:
+    private: int
+    public: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayModel:
+    """Everything the translation table needs to know about the operator's setup."""
+
+    frontends: tuple[Frontend, ...] = ()
+    pools: tuple[Pool, ...] = ()
+    lb_rules: tuple[LbRule, ...] = ()
+    instance_ips: tuple[InstanceIp, ...] = ()
+    default_snat: tuple[int, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    #: Seconds between two ``snat_port_exhausted`` events for one backend.
+    exhaustion_event_interval: float = 10.0
+
+    def public_addresses(self) -> tuple[int, ...]:
+        """Every address the gateway owns on the outside, each once, in config order."""
+        seen: dict[int, None] = {}
+        for f in self.frontends:
+            seen[f.ip] = None
+        for i in self.instance_ips:
+            seen[i.public] = None
+        for a in self.default_snat:
+            seen[a] = None
+        return tuple(seen)

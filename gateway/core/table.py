@@ -1,0 +1,609 @@
+"""The translation table: in2out and out2in for every packet, flows with both
+keys, port blocks, the timer wheel and the counters (OUTBOUND_MODEL.md).
+
+The per-packet entry points :meth:`TranslationTable.in2out` and
+:meth:`TranslationTable.out2in` take the IPv4 packet as a mutable buffer and
+``now``. They rewrite addresses, ports and checksums in place and return a
+verdict; they never raise for bad input, never log and allocate little more
+than the lookup key. Everything rare (a new flow, a TCP FIN or RST, ICMP
+errors, exhaustion) is in methods of its own.
+
+Adapters drain :attr:`TranslationTable.events` (exhaustion, tier changes,
+reclaimed ports) and log them; they read :attr:`counters` for metrics.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.core.block import PORT_BYTES, PortBlock
+from gateway.core.checksum import checksum, delta
+from gateway.core.flow import (
+    END_CLOSED,
+    END_IDLE,
+    END_RECLAIMED,
+    TCP_ACK,
+    TCP_CLOSED,
+    TCP_ESTABLISHED,
+    TCP_RESET,
+    TCP_SYN,
+    TCP_SYN_SENT,
+    Flow,
+    tcp_next_state,
+    timeout_for,
+)
+from gateway.core.frontend import PublicAddress
+from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP, PROTO_UDP, GatewayModel
+from gateway.core.pool import (
+    SCENARIO_DEFAULT,
+    Backend,
+    ip_str,
+    pick_default,
+    resolve,
+)
+from gateway.core.wheel import TimerWheel
+
+# Verdicts, as the adapters act on them.
+DROP = 0
+ACCEPT = 1
+ACCEPT_MODIFIED = 2
+#: Accept the modified packet and mark it, so that the FORWARD filter lets it
+#: from the outside to the inside (only translated return traffic may pass).
+ACCEPT_MODIFIED_MARK = 3
+
+# Counters: one list, indexed by these constants (cheap on the per-packet path).
+COUNTER_NAMES = (
+    "in2out_translated",
+    "out2in_translated",
+    "icmp_error_in2out",
+    "icmp_error_out2in",
+    "flows_created",
+    "flows_ended_idle",
+    "flows_ended_closed",
+    "flows_ended_reclaimed",
+    "drop_malformed",
+    "drop_fragment",
+    "drop_unsupported",
+    "drop_no_flow",
+    "drop_exhausted",
+    "drop_no_public_address",
+    "drop_internal",
+)
+(
+    C_IN2OUT,
+    C_OUT2IN,
+    C_ICMP_ERR_IN2OUT,
+    C_ICMP_ERR_OUT2IN,
+    C_FLOWS_CREATED,
+    C_ENDED_IDLE,
+    C_ENDED_CLOSED,
+    C_ENDED_RECLAIMED,
+    D_MALFORMED,
+    D_FRAGMENT,
+    D_UNSUPPORTED,
+    D_NO_FLOW,
+    D_EXHAUSTED,
+    D_NO_ADDRESS,
+    D_INTERNAL,
+) = range(len(COUNTER_NAMES))
+
+_END_COUNTER = {END_IDLE: C_ENDED_IDLE, END_CLOSED: C_ENDED_CLOSED, END_RECLAIMED: C_ENDED_RECLAIMED}
+
+_ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
+_ICMP_ECHO_REQUEST = 8
+_ICMP_ECHO_REPLY = 0
+_ZERO2 = b"\0\0"
+
+_H = struct.Struct("!H")
+_HI = struct.Struct("!H4s")
+
+
+@dataclass(slots=True)
+class Event:
+    """Something the operator should hear about; the adapter logs it by ``name``."""
+
+    name: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _fix(csum: int, d: int) -> int:
+    """RFC 1624 eqn. 3 (see :func:`gateway.core.checksum.apply`)."""
+    x = (~csum & 0xFFFF) + d
+    x = (x & 0xFFFF) + (x >> 16)
+    return ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF
+
+
+class TranslationTable:
+    """All flows of one gateway and the policy that creates them."""
+
+    def __init__(self, model: GatewayModel, now: float) -> None:
+        res = resolve(model)
+        self.model = model
+        self.timeouts = model.timeouts
+        self.addresses: dict[int, PublicAddress] = res.addresses
+        self.backends: dict[int, Backend] = res.backends
+        self.defaults = res.defaults
+        self.pool_frontend = res.pool_frontend
+        self.wheel = TimerWheel(now)
+        self.counters = [0] * len(COUNTER_NAMES)
+        self.events: list[Event] = []
+        self.inbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
+        self.outbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
+        self._tcp_in = self.inbound[PROTO_TCP]
+        self._udp_in = self.inbound[PROTO_UDP]
+        self._tcp_out = self.outbound[PROTO_TCP]
+        self._udp_out = self.outbound[PROTO_UDP]
+
+    # ------------------------------------------------------------------ in2out
+
+    def in2out(self, buf: bytearray, now: float) -> int:
+        """Translate a packet from a backend toward the outside, in place."""
+        n = len(buf)
+        if n < 28 or buf[0] >> 4 != 4:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        ihl = (buf[0] & 15) << 2
+        if buf[6] & 0x3F or buf[7]:
+            self.counters[D_FRAGMENT] += 1
+            return DROP
+        proto = buf[9]
+        if proto == PROTO_TCP:
+            if ihl < 20 or n < ihl + 20:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._tcp_in.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
+            flags = buf[ihl + 13]
+            if flags & 7:
+                self._tcp_flags(f, flags, True, now)
+            csum_at = ihl + 16
+        elif proto == PROTO_UDP:
+            if ihl < 20 or n < ihl + 8:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._udp_in.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
+            csum_at = ihl + 6
+        elif proto == PROTO_ICMP:
+            return self._icmp_in2out(buf, ihl, n, now)
+        else:
+            self.counters[D_UNSUPPORTED] += 1
+            return DROP
+        f.last_seen = now
+        f.pkts_out += 1
+        f.bytes_out += n
+        _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.d_ip), f.public_b)
+        buf[ihl : ihl + 2] = f.pport_b
+        c = buf[csum_at] << 8 | buf[csum_at + 1]
+        if c or proto == PROTO_TCP:
+            c = _fix(c, f.d_l4)
+            _H.pack_into(buf, csum_at, c or 0xFFFF if proto == PROTO_UDP else c)
+        self.counters[C_IN2OUT] += 1
+        return ACCEPT_MODIFIED
+
+    # ------------------------------------------------------------------ out2in
+
+    def out2in(self, buf: bytearray, now: float) -> int:
+        """Translate a return packet to its backend, in place; drop it unless it
+        comes from the exact remote endpoint of a live flow (or is an ICMP
+        error about one)."""
+        n = len(buf)
+        if n < 28 or buf[0] >> 4 != 4:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        ihl = (buf[0] & 15) << 2
+        if buf[6] & 0x3F or buf[7]:
+            self.counters[D_FRAGMENT] += 1
+            return DROP
+        proto = buf[9]
+        if proto == PROTO_TCP:
+            if ihl < 20 or n < ihl + 20:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._tcp_out.get(key)
+            if f is None:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            flags = buf[ihl + 13]
+            if flags & 7:
+                self._tcp_flags(f, flags, False, now)
+            csum_at = ihl + 16
+        elif proto == PROTO_UDP:
+            if ihl < 20 or n < ihl + 8:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._udp_out.get(key)
+            if f is None:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            csum_at = ihl + 6
+        elif proto == PROTO_ICMP:
+            return self._icmp_out2in(buf, ihl, n, now)
+        else:
+            self.counters[D_NO_FLOW] += 1
+            return DROP
+        f.last_seen = now
+        f.pkts_in += 1
+        f.bytes_in += n
+        _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.r_ip))
+        buf[16:20] = f.backend_b
+        buf[ihl + 2 : ihl + 4] = f.bport_b
+        c = buf[csum_at] << 8 | buf[csum_at + 1]
+        if c or proto == PROTO_TCP:
+            c = _fix(c, f.r_l4)
+            _H.pack_into(buf, csum_at, c or 0xFFFF if proto == PROTO_UDP else c)
+        self.counters[C_OUT2IN] += 1
+        return ACCEPT_MODIFIED_MARK
+
+    # ------------------------------------------------------------------ ICMP
+
+    def _icmp_in2out(self, buf: bytearray, ihl: int, n: int, now: float) -> int:
+        if ihl < 20 or n < ihl + 8:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        typ = buf[ihl]
+        if typ == _ICMP_ECHO_REQUEST:
+            key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + _ZERO2
+            f = self.inbound[PROTO_ICMP].get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, PROTO_ICMP, key, now)
+                if f is None:
+                    return DROP
+            f.last_seen = now
+            f.pkts_out += 1
+            f.bytes_out += n
+            _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.d_ip), f.public_b)
+            buf[ihl + 4 : ihl + 6] = f.pport_b
+            _H.pack_into(buf, ihl + 2, _fix(buf[ihl + 2] << 8 | buf[ihl + 3], f.d_l4))
+            self.counters[C_IN2OUT] += 1
+            return ACCEPT_MODIFIED
+        if typ in _ICMP_ERRORS:
+            return self._icmp_error(buf, ihl, n, inbound=True)
+        self.counters[D_UNSUPPORTED] += 1
+        return DROP
+
+    def _icmp_out2in(self, buf: bytearray, ihl: int, n: int, now: float) -> int:
+        if ihl < 20 or n < ihl + 8:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        typ = buf[ihl]
+        if typ == _ICMP_ECHO_REPLY:
+            key = bytes(buf[12:20]) + _ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
+            f = self.outbound[PROTO_ICMP].get(key)
+            if f is None:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            f.last_seen = now
+            f.pkts_in += 1
+            f.bytes_in += n
+            _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.r_ip))
+            buf[16:20] = f.backend_b
+            buf[ihl + 4 : ihl + 6] = f.bport_b
+            _H.pack_into(buf, ihl + 2, _fix(buf[ihl + 2] << 8 | buf[ihl + 3], f.r_l4))
+            self.counters[C_OUT2IN] += 1
+            return ACCEPT_MODIFIED_MARK
+        if typ in _ICMP_ERRORS:
+            return self._icmp_error(buf, ihl, n, inbound=False)
+        self.counters[D_NO_FLOW] += 1
+        return DROP
+
+    def _icmp_error(self, buf: bytearray, ihl: int, n: int, inbound: bool) -> int:
+        """Translate an ICMP error about a live flow, embedded header included
+        (RFC 5508 section 7; RFC 1812 section 4.3.2.3 on what is quoted).
+
+        From the outside the error quotes our translated outbound packet
+        (public -> remote); from the inside a backend's error quotes a
+        translated return packet (remote -> backend). Either way the quoted
+        header names the flow; the outer address, the quoted address and
+        port and every checksum are rewritten, and the ICMP checksum, which
+        covers the quote, is recomputed.
+        """
+        i = ihl + 8
+        if n < i + 20 or buf[i] >> 4 != 4:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        iihl = (buf[i] & 15) << 2
+        l4 = i + iihl
+        if iihl < 20 or n < l4 + 8:
+            self.counters[D_MALFORMED] += 1
+            return DROP
+        iproto = buf[i + 9]
+        if iproto in (PROTO_TCP, PROTO_UDP):
+            ports = bytes(buf[l4 + 2 : l4 + 4]) + bytes(buf[l4 : l4 + 2])
+            port_at = l4 + 2 if inbound else l4
+        elif iproto == PROTO_ICMP and buf[l4] in (_ICMP_ECHO_REQUEST, _ICMP_ECHO_REPLY):
+            ident = bytes(buf[l4 + 4 : l4 + 6])
+            ports = ident + _ZERO2 if inbound else _ZERO2 + ident
+            port_at = l4 + 4
+        else:
+            self.counters[D_UNSUPPORTED] += 1
+            return DROP
+        flows = self.inbound[iproto] if inbound else self.outbound[iproto]
+        f = flows.get(bytes(buf[i + 16 : i + 20]) + bytes(buf[i + 12 : i + 16]) + ports)
+        if f is None:
+            self.counters[D_NO_FLOW] += 1
+            return DROP
+        if inbound:
+            if bytes(buf[12:16]) != f.backend_b:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            d_ip, d_l4 = f.d_ip, f.d_l4
+            _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], d_ip), f.public_b)
+            _H.pack_into(buf, i + 10, _fix(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            buf[i + 16 : i + 20] = f.public_b
+            buf[port_at : port_at + 2] = f.pport_b
+        else:
+            if bytes(buf[16:20]) != f.public_b:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            d_ip, d_l4 = f.r_ip, f.r_l4
+            _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], d_ip))
+            buf[16:20] = f.backend_b
+            _H.pack_into(buf, i + 10, _fix(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            buf[i + 12 : i + 16] = f.backend_b
+            buf[port_at : port_at + 2] = f.bport_b
+        if iproto == PROTO_UDP:
+            ic = l4 + 6
+            if buf[ic] or buf[ic + 1]:
+                c = _fix(buf[ic] << 8 | buf[ic + 1], d_l4)
+                _H.pack_into(buf, ic, c or 0xFFFF)
+        elif iproto == PROTO_TCP:
+            ic = l4 + 16
+            if n >= ic + 2:
+                _H.pack_into(buf, ic, _fix(buf[ic] << 8 | buf[ic + 1], d_l4))
+        else:
+            ic = l4 + 2
+            _H.pack_into(buf, ic, _fix(buf[ic] << 8 | buf[ic + 1], d_l4))
+        buf[ihl + 2] = 0
+        buf[ihl + 3] = 0
+        _H.pack_into(buf, ihl + 2, checksum(memoryview(buf)[ihl:n]))
+        if inbound:
+            self.counters[C_ICMP_ERR_IN2OUT] += 1
+            return ACCEPT_MODIFIED
+        self.counters[C_ICMP_ERR_OUT2IN] += 1
+        return ACCEPT_MODIFIED_MARK
+
+    # ------------------------------------------------------------------ flows
+
+    def _new_flow(self, buf: bytearray, ihl: int, proto: int, key: bytes, now: float) -> Flow | None:
+        """Create the flow for a first outbound packet (scenario policy, port
+        allocation); None (counted) when there is no address or no port."""
+        src = int.from_bytes(buf[12:16], "big")
+        be = self.backends.get(src)
+        if be is None:
+            be = self._add_standalone(src, now)
+            if be is None:
+                self.counters[D_NO_ADDRESS] += 1
+                return None
+        backend_b = bytes(buf[12:16])
+        remote_b = bytes(buf[16:20])
+        if proto == PROTO_ICMP:
+            bport_b = bytes(buf[ihl + 4 : ihl + 6])
+            rport_b = _ZERO2
+        else:
+            bport_b = bytes(buf[ihl : ihl + 2])
+            rport_b = bytes(buf[ihl + 2 : ihl + 4])
+        public_b = be.address.ip.to_bytes(4, "big")
+        outbound = self.outbound[proto]
+        block = be.block
+        dest = remote_b + rport_b
+        if block is None:
+            pport_b = bport_b
+            if proto == PROTO_ICMP:
+                out_key = remote_b + public_b + _ZERO2 + pport_b
+            else:
+                out_key = remote_b + public_b + rport_b + pport_b
+            if out_key in outbound:
+                self._exhausted(be, proto, remote_b, rport_b, now)
+                return None
+        else:
+            if proto == PROTO_ICMP:
+                port = block.allocate(proto, outbound, remote_b + public_b + _ZERO2, dest)
+            else:
+                port = block.allocate(proto, outbound, remote_b + public_b + rport_b, dest)
+            if port < 0:
+                self._exhausted(be, proto, remote_b, rport_b, now)
+                return None
+            pport_b = PORT_BYTES[port]
+            if proto == PROTO_ICMP:
+                out_key = remote_b + public_b + _ZERO2 + pport_b
+            else:
+                out_key = remote_b + public_b + rport_b + pport_b
+        d_ip = delta(backend_b, public_b)
+        if proto == PROTO_ICMP:
+            d_l4 = delta(bport_b, pport_b)
+            r_l4 = delta(pport_b, bport_b)
+        else:
+            d_l4 = delta(backend_b + bport_b, public_b + pport_b)
+            r_l4 = delta(public_b + pport_b, backend_b + bport_b)
+        f = Flow(
+            proto=proto,
+            scenario=be.scenario,
+            backend=src,
+            bport=int.from_bytes(bport_b, "big"),
+            public=be.address.ip,
+            pport=int.from_bytes(pport_b, "big"),
+            remote=int.from_bytes(remote_b, "big"),
+            rport=int.from_bytes(rport_b, "big"),
+            in_key=key,
+            out_key=out_key,
+            dest=dest,
+            block=block,
+            public_b=public_b,
+            pport_b=pport_b,
+            backend_b=backend_b,
+            bport_b=bport_b,
+            d_ip=d_ip,
+            d_l4=d_l4,
+            r_ip=delta(public_b, backend_b),
+            r_l4=r_l4,
+            created=now,
+            last_seen=now,
+            timeout=self.timeouts.idle,
+        )
+        if proto == PROTO_TCP:
+            flags = buf[ihl + 13]
+            f.state = TCP_SYN_SENT if flags & (TCP_SYN | TCP_ACK) == TCP_SYN else TCP_ESTABLISHED
+        self._add_flow(f, be)
+        return f
+
+    def _add_flow(self, f: Flow, be: Backend) -> None:
+        """Insert both keys of ``f`` and arm its timer: the only way a flow starts."""
+        self.inbound[f.proto][f.in_key] = f
+        self.outbound[f.proto][f.out_key] = f
+        be.flows.add(f)
+        self.wheel.schedule(f, f.last_seen + f.timeout)
+        self.counters[C_FLOWS_CREATED] += 1
+
+    def end_flow(self, f: Flow, reason: str) -> None:
+        """Remove both keys of ``f``, free its port and cancel its timer: the only
+        way a flow ends."""
+        if self.inbound[f.proto].get(f.in_key) is not f:
+            return
+        del self.inbound[f.proto][f.in_key]
+        del self.outbound[f.proto][f.out_key]
+        self.wheel.cancel(f)
+        if f.block is not None:
+            f.block.release(f.proto, f.pport, f.dest)
+        be = self.backends.get(f.backend)
+        if be is not None:
+            be.flows.discard(f)
+        self.counters[_END_COUNTER[reason]] += 1
+
+    def _tcp_flags(self, f: Flow, flags: int, outbound: bool, now: float) -> None:
+        state, fins = tcp_next_state(f.state, f.fins, flags, outbound)
+        f.fins = fins
+        if state == f.state:
+            return
+        f.state = state
+        f.timeout = timeout_for(state, self.timeouts)
+        self.wheel.schedule(f, now + f.timeout)
+
+    def _exhausted(self, be: Backend, proto: int, remote_b: bytes, rport_b: bytes, now: float) -> None:
+        """Count a failed flow and emit a rate-limited ``snat_port_exhausted`` event."""
+        self.counters[D_EXHAUSTED] += 1
+        be.exhausted += 1
+        be.last_exhausted = now
+        if now - be.last_event < self.model.exhaustion_event_interval:
+            be.suppressed += 1
+            return
+        self.events.append(
+            Event(
+                "snat_port_exhausted",
+                {
+                    "backend": ip_str(be.ip),
+                    "public_ip": ip_str(be.address.ip),
+                    "protocol": PROTO_NAMES.get(proto, str(proto)),
+                    "destination": f"{ip_str(int.from_bytes(remote_b, 'big'))}:"
+                    f"{int.from_bytes(rport_b, 'big')}",
+                    "block_size": be.block.size if be.block is not None else 0,
+                    "suppressed": be.suppressed,
+                },
+            )
+        )
+        be.last_event = now
+        be.suppressed = 0
+
+    # ------------------------------------------------------------------ scenario 3
+
+    def _add_standalone(self, src: int, now: float) -> Backend | None:
+        """Give a backend seen for the first time a default SNAT address and a block.
+
+        The address's tier counts the standalone backends assigned to it; when
+        this one pushes it into a higher tier every block on it halves first
+        (OUTBOUND_MODEL.md, "Resizing").
+        """
+        addr = pick_default(self.defaults)
+        if addr is None or addr.layout is None:
+            return None
+        wanted = addr.size_for(len(addr.members) + 1)
+        while addr.layout.size > wanted:
+            self._halve(addr, now)
+        start = addr.layout.assign(src)
+        if start < 0:
+            return None
+        be = Backend(src, SCENARIO_DEFAULT, addr, PortBlock(addr.ip, start, addr.layout.size))
+        addr.members[src] = be
+        self.backends[src] = be
+        return be
+
+    def _halve(self, addr: PublicAddress, now: float) -> None:
+        """Halve every block on ``addr``; flows on the reclaimed upper halves end."""
+        assert addr.layout is not None
+        old = addr.layout.size
+        new = old // 2
+        ended = 0
+        for be in addr.members.values():
+            block = be.block
+            if block is None:
+                continue
+            cut = block.start + new
+            for f in [f for f in be.flows if f.pport >= cut and f.block is block]:
+                self.end_flow(f, END_RECLAIMED)
+                ended += 1
+            block.shrink(new)
+        addr.layout.halve()
+        self.events.append(
+            Event(
+                "pool_tier_changed",
+                {
+                    "public_ip": ip_str(addr.ip),
+                    "backends": len(addr.members) + 1,
+                    "old_block_size": old,
+                    "new_block_size": new,
+                },
+            )
+        )
+        if ended:
+            self.events.append(Event("ports_reclaimed", {"public_ip": ip_str(addr.ip), "flows_ended": ended}))
+
+    # ------------------------------------------------------------------ timers
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` next needs to run (None: nothing pending)."""
+        return self.wheel.next_deadline()
+
+    def handle_timer(self, now: float) -> None:
+        """End flows idle past their timeout; re-arm the ones that saw traffic."""
+        for f in self.wheel.advance(now):
+            deadline = f.last_seen + f.timeout
+            if deadline > now:
+                self.wheel.schedule(f, deadline)
+            else:
+                self.end_flow(f, END_CLOSED if f.state in (TCP_CLOSED, TCP_RESET) else END_IDLE)
+
+    # ------------------------------------------------------------------ views
+
+    def counters_dict(self) -> dict[str, int]:
+        return dict(zip(COUNTER_NAMES, self.counters, strict=True))
+
+    def flow_count(self) -> int:
+        return sum(len(d) for d in self.inbound.values())
+
+    def count_internal_error(self) -> None:
+        """For adapters: a packet dropped because the core raised (a bug, never input)."""
+        self.counters[D_INTERNAL] += 1
+
+
+__all__ = [
+    "ACCEPT",
+    "ACCEPT_MODIFIED",
+    "ACCEPT_MODIFIED_MARK",
+    "COUNTER_NAMES",
+    "DROP",
+    "Event",
+    "TranslationTable",
+    "TCP_ESTABLISHED",
+]
