@@ -1,0 +1,56 @@
+"""Shared builders for the core's unit tests: scapy makes packets, the core rewrites them."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+
+from gateway.core.model import Frontend, GatewayModel, InstanceIp, LbRule, Pool, Timeouts
+from gateway.core.table import TranslationTable
+
+POOL = ("10.10.1.1", "10.10.1.2", "10.10.1.3")
+INSTANCE = "10.10.2.1"
+STANDALONE = "10.10.3.1"
+FRONTEND = "198.51.100.10"
+INSTANCE_PUBLIC = "198.51.100.20"
+DEFAULTS = ("198.51.100.30", "198.51.100.31")
+SERVER = "198.51.100.2"
+SERVER2 = "198.51.100.3"
+
+
+def ip(s: str) -> int:
+    return int(ipaddress.IPv4Address(s))
+
+
+def lab_model(
+    members: tuple[str, ...] = POOL,
+    timeouts: Timeouts | None = None,
+    defaults: tuple[str, ...] = DEFAULTS,
+) -> GatewayModel:
+    return GatewayModel(
+        frontends=(Frontend("fe-web", ip(FRONTEND)),),
+        pools=(Pool("web", tuple(ip(m) for m in members)),),
+        lb_rules=(LbRule("http", "fe-web", "web", "tcp", 80, 8080),),
+        instance_ips=(InstanceIp(ip(INSTANCE), ip(INSTANCE_PUBLIC)),),
+        default_snat=tuple(ip(d) for d in defaults),
+        timeouts=timeouts or Timeouts(),
+    )
+
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"hello") -> bytearray:
+    return bytearray(bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload))
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"") -> bytearray:
+    return bytearray(bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags) / payload))
+
+
+def echo(src: str, dst: str, ident: int, reply: bool = False) -> bytearray:
+    return bytearray(bytes(IP(src=src, dst=dst) / ICMP(type=0 if reply else 8, id=ident, seq=1) / b"ping"))
+
+
+@pytest.fixture
+def table() -> TranslationTable:
+    return TranslationTable(lab_model(), now=0.0)
