@@ -98,6 +98,8 @@ _ZERO2 = b"\0\0"
 
 _H = struct.Struct("!H")
 _HI = struct.Struct("!H4s")
+_UDP = struct.Struct("!HHHH")
+_KEY = struct.Struct("12s").unpack_from
 
 
 @dataclass(slots=True)
@@ -109,10 +111,14 @@ class Event:
 
 
 def _fix(csum: int, d: int) -> int:
-    """RFC 1624 eqn. 3 (see :func:`gateway.core.checksum.apply`)."""
-    x = (~csum & 0xFFFF) + d
-    x = (x & 0xFFFF) + (x >> 16)
-    return ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF
+    """RFC 1624 eqn. 3, ``~(~HC + d)``, for a folded ``d``.
+
+    With 16-bit operands ``~(~HC + d)`` is ``HC - d`` in one's-complement
+    arithmetic: subtract, and add 0xFFFF back on borrow. The per-packet
+    paths inline this form.
+    """
+    c = csum - d
+    return c + 0xFFFF if c < 0 else c
 
 
 class TranslationTable:
@@ -149,45 +155,51 @@ class TranslationTable:
             self.counters[D_FRAGMENT] += 1
             return DROP
         proto = buf[9]
-        if proto == PROTO_TCP:
-            if ihl < 20 or n < ihl + 20:
-                self.counters[D_MALFORMED] += 1
-                return DROP
-            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-            f = self._tcp_in.get(key)
-            if f is None:
-                f = self._new_flow(buf, ihl, proto, key, now)
-                if f is None:
-                    return DROP
-            flags = buf[ihl + 13]
-            if flags & 7:
-                self._tcp_flags(f, flags, True, now)
-            csum_at = ihl + 16
-        elif proto == PROTO_UDP:
+        if proto == PROTO_UDP:
             if ihl < 20 or n < ihl + 8:
                 self.counters[D_MALFORMED] += 1
                 return DROP
-            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._udp_in.get(key)
             if f is None:
                 f = self._new_flow(buf, ihl, proto, key, now)
                 if f is None:
                     return DROP
-            csum_at = ihl + 6
+            _sp, dp, ln, c = _UDP.unpack_from(buf, ihl)
+            if c:
+                c -= f.d_l4
+                if c <= 0:
+                    c += 0xFFFF
+            _UDP.pack_into(buf, ihl, f.pport, dp, ln, c)
+        elif proto == PROTO_TCP:
+            if ihl < 20 or n < ihl + 20:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._tcp_in.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
+            if buf[ihl + 13] & 7:
+                self._tcp_flags(f, buf[ihl + 13], True, now)
+            _H.pack_into(buf, ihl, f.pport)
+            c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.d_l4
+            if c < 0:
+                c += 0xFFFF
+            _H.pack_into(buf, ihl + 16, c)
         elif proto == PROTO_ICMP:
             return self._icmp_in2out(buf, ihl, n, now)
         else:
             self.counters[D_UNSUPPORTED] += 1
             return DROP
+        c = (buf[10] << 8 | buf[11]) - f.d_ip
+        if c < 0:
+            c += 0xFFFF
+        _HI.pack_into(buf, 10, c, f.public_b)
         f.last_seen = now
         f.pkts_out += 1
         f.bytes_out += n
-        _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.d_ip), f.public_b)
-        buf[ihl : ihl + 2] = f.pport_b
-        c = buf[csum_at] << 8 | buf[csum_at + 1]
-        if c or proto == PROTO_TCP:
-            c = _fix(c, f.d_l4)
-            _H.pack_into(buf, csum_at, c or 0xFFFF if proto == PROTO_UDP else c)
         self.counters[C_IN2OUT] += 1
         return ACCEPT_MODIFIED
 
@@ -206,44 +218,50 @@ class TranslationTable:
             self.counters[D_FRAGMENT] += 1
             return DROP
         proto = buf[9]
-        if proto == PROTO_TCP:
-            if ihl < 20 or n < ihl + 20:
-                self.counters[D_MALFORMED] += 1
-                return DROP
-            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-            f = self._tcp_out.get(key)
-            if f is None:
-                self.counters[D_NO_FLOW] += 1
-                return DROP
-            flags = buf[ihl + 13]
-            if flags & 7:
-                self._tcp_flags(f, flags, False, now)
-            csum_at = ihl + 16
-        elif proto == PROTO_UDP:
+        if proto == PROTO_UDP:
             if ihl < 20 or n < ihl + 8:
                 self.counters[D_MALFORMED] += 1
                 return DROP
-            key = bytes(buf[12:24]) if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._udp_out.get(key)
             if f is None:
                 self.counters[D_NO_FLOW] += 1
                 return DROP
-            csum_at = ihl + 6
+            sp, _dp, ln, c = _UDP.unpack_from(buf, ihl)
+            if c:
+                c -= f.r_l4
+                if c <= 0:
+                    c += 0xFFFF
+            _UDP.pack_into(buf, ihl, sp, f.bport, ln, c)
+        elif proto == PROTO_TCP:
+            if ihl < 20 or n < ihl + 20:
+                self.counters[D_MALFORMED] += 1
+                return DROP
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._tcp_out.get(key)
+            if f is None:
+                self.counters[D_NO_FLOW] += 1
+                return DROP
+            if buf[ihl + 13] & 7:
+                self._tcp_flags(f, buf[ihl + 13], False, now)
+            _H.pack_into(buf, ihl + 2, f.bport)
+            c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.r_l4
+            if c < 0:
+                c += 0xFFFF
+            _H.pack_into(buf, ihl + 16, c)
         elif proto == PROTO_ICMP:
             return self._icmp_out2in(buf, ihl, n, now)
         else:
             self.counters[D_NO_FLOW] += 1
             return DROP
+        c = (buf[10] << 8 | buf[11]) - f.r_ip
+        if c < 0:
+            c += 0xFFFF
+        _H.pack_into(buf, 10, c)
+        buf[16:20] = f.backend_b
         f.last_seen = now
         f.pkts_in += 1
         f.bytes_in += n
-        _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.r_ip))
-        buf[16:20] = f.backend_b
-        buf[ihl + 2 : ihl + 4] = f.bport_b
-        c = buf[csum_at] << 8 | buf[csum_at + 1]
-        if c or proto == PROTO_TCP:
-            c = _fix(c, f.r_l4)
-            _H.pack_into(buf, csum_at, c or 0xFFFF if proto == PROTO_UDP else c)
         self.counters[C_OUT2IN] += 1
         return ACCEPT_MODIFIED_MARK
 
