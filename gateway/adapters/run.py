@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from gateway.adapters import iptables, system
@@ -11,6 +12,9 @@ from gateway.adapters.nfq import PacketLoop
 from gateway.config import GatewayConfig
 from gateway.core.pool import ip_str
 from gateway.core.table import TranslationTable
+
+#: Where state that must survive a crash is kept (one file per network namespace).
+STATE_DIR = Path("/run/snatgw")
 
 
 def _describe(cfg: GatewayConfig, table: TranslationTable) -> dict[str, Any]:
@@ -47,17 +51,16 @@ def run(cfg: GatewayConfig, log: Any) -> int:
         table.events.clear()
 
     loop = PacketLoop(table, cfg.queue, max_len=cfg.queue_maxlen, on_events=flush_events)
-    forwarding_before = system.get_forwarding()
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     try:
         system.add_addresses(cfg.outside, publics)
         iptables.install(cfg.inside, cfg.outside, cfg.queue, publics)
-        system.set_forwarding(True)
+        system.enable_forwarding(STATE_DIR)
         log.info("gateway_ready", **_describe(cfg, table))
         loop.run()
     finally:
-        system.set_forwarding(forwarding_before)
+        system.restore_forwarding(STATE_DIR)
         iptables.remove()
         system.remove_addresses(cfg.outside, publics)
         loop.close()

@@ -8,6 +8,7 @@ removes them all when it stops, including any that a crashed run left.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,3 +68,33 @@ def get_forwarding() -> bool:
 
 def set_forwarding(on: bool) -> None:
     _FORWARD.write_text("1\n" if on else "0\n")
+
+
+def _state_file(state_dir: Path) -> Path:
+    """One file per network namespace: several gateways may share /run."""
+    return state_dir / f"forwarding-netns-{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def enable_forwarding(state_dir: Path) -> None:
+    """Turn forwarding on, first recording the value it had before snatgw.
+
+    The record survives a crash, so a later clean stop restores the host's
+    own value, not the crashed run's "on" (which would forward untranslated
+    inside traffic once our rules are gone).
+    """
+    state = _state_file(state_dir)
+    if not state.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state.write_text("1\n" if get_forwarding() else "0\n")
+    set_forwarding(True)
+
+
+def restore_forwarding(state_dir: Path) -> None:
+    """Put forwarding back to the recorded value (off if there is no record)."""
+    state = _state_file(state_dir)
+    try:
+        before = state.read_text().strip() == "1"
+    except OSError:
+        before = False
+    set_forwarding(before)
+    state.unlink(missing_ok=True)

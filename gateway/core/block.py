@@ -146,26 +146,31 @@ class BlockLayout:
     size: int
     excluded: frozenset[int] = frozenset()
     starts: dict[int, int] = field(default_factory=dict)
+    _free: deque[int] | None = None
 
     def _usable(self, start: int) -> bool:
         end = start + self.size
         return not any(start <= p < end for p in self.excluded)
 
-    def free_starts(self) -> list[int]:
-        owned = set(self.starts.values())
-        return [
-            s
-            for s in range(PORT_MIN, PORT_MAX + 2 - self.size, self.size)
-            if s not in owned and self._usable(s)
-        ]
+    def free_starts(self) -> deque[int]:
+        """Unowned block starts at the current size, lowest first (cached)."""
+        if self._free is None:
+            owned = set(self.starts.values())
+            self._free = deque(
+                s
+                for s in range(PORT_MIN, PORT_MAX + 2 - self.size, self.size)
+                if s not in owned and self._usable(s)
+            )
+        return self._free
 
     def assign(self, backend: int) -> int:
         """Start of a new block for ``backend``: the lowest free one, or -1 if none."""
         free = self.free_starts()
         if not free:
             return -1
-        self.starts[backend] = free[0]
-        return free[0]
+        start = free.popleft()
+        self.starts[backend] = start
+        return start
 
     def capacity(self) -> int:
         """How many blocks of the current size fit on the address."""
@@ -174,6 +179,8 @@ class BlockLayout:
     def halve(self) -> None:
         """Every block keeps its start and half its size; the upper halves go back."""
         self.size //= 2
+        self._free = None
 
     def release(self, backend: int) -> None:
-        self.starts.pop(backend, None)
+        if self.starts.pop(backend, None) is not None:
+            self._free = None
