@@ -1,0 +1,113 @@
+"""Fixtures for the integration tests: a lab per module and gateways started on demand.
+
+Nothing here skips: missing root or a missing tool is a failure with a clear message,
+because a skipped integration suite looks green while proving nothing.
+
+Fixture API
+-----------
+``lab`` (module)           LabNames of a fresh lab; prefix ``sgt-<module>``; module
+                           attributes ``LAB_EXTRA_BACKENDS`` (int) and ``LAB_WHOAMI`` (bool)
+                           tune it.  Torn down by a finalizer even when tests fail.
+``lab_extra`` (module)     the extra backend addresses of that lab (tuple of str).
+``whoami_log`` (module)    WhoamiLog of the lab (``mark()``, ``records(since)``, ``wait_for``).
+``gateway`` (function)     GatewayFactory: ``gateway(toml_text) -> GatewayProc`` waits for
+                           gateway_ready (15 s); ``gateway.run_to_exit(toml_text)`` for
+                           configs that must be refused.  Every gateway is stopped
+                           (SIGTERM, 10 s, then SIGKILL) by the finalizer.
+``module_gateway`` (module) same factory, for a gateway shared by a module's tests.
+``lab_config`` (session)   the helpers.lab_config builder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gateway.lab import topology as t
+from gateway.lab.topology import LabNames
+from tests.integration import helpers as h
+
+REQUIRED_TOOLS = ("ip", "iptables", "iptables-save", "iperf3", "ping", "tcpdump", "curl", "nc",
+                  "sysctl", "ss")
+
+_created_prefixes: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _preflight() -> Iterator[None]:
+    """Fail (never skip) when the suite cannot run; remove every lab it made at the end."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("integration tests need root (network namespaces, iptables)")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        problems.append(f"missing tools: {', '.join(missing)} (run `make setup`)")
+    if not h.SNATGW.exists():
+        problems.append(f"{h.SNATGW} not found (run `make setup`)")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
+    yield
+    for prefix in sorted(_created_prefixes):
+        t.lab_down(prefix)  # safety net; each lab's own finalizer has normally done it
+
+
+def _module_prefix(request: pytest.FixtureRequest) -> str:
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    name = re.sub(r"^test_", "", name)
+    name = re.sub(r"[^a-z0-9]", "", name.lower())[:10] or "x"
+    return f"sgt-{name}"
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[LabNames]:
+    """A fresh lab for this module (extra backends from the module's LAB_EXTRA_BACKENDS)."""
+    prefix = _module_prefix(request)
+    extra = t.extra_backend_addresses(int(getattr(request.module, "LAB_EXTRA_BACKENDS", 0)))
+    whoami = bool(getattr(request.module, "LAB_WHOAMI", True))
+    _created_prefixes.add(prefix)
+    names = t.lab_up(prefix, extra_backends=extra, whoami=whoami)
+    try:
+        yield names
+    finally:
+        t.lab_down(prefix)
+
+
+@pytest.fixture(scope="module")
+def lab_extra(request: pytest.FixtureRequest, lab: LabNames) -> tuple[str, ...]:
+    """Extra backend addresses present in this module's lab."""
+    return t.extra_backend_addresses(int(getattr(request.module, "LAB_EXTRA_BACKENDS", 0)))
+
+
+@pytest.fixture(scope="module")
+def whoami_log(lab: LabNames) -> h.WhoamiLog:
+    return h.WhoamiLog(t.whoami_log_path(lab.prefix))
+
+
+@pytest.fixture()
+def gateway(lab: LabNames, tmp_path: Any) -> Iterator[h.GatewayFactory]:
+    factory = h.GatewayFactory(lab, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_gateway(
+    lab: LabNames, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[h.GatewayFactory]:
+    factory = h.GatewayFactory(lab, tmp_path_factory.mktemp("gateway"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="session")
+def lab_config() -> Callable[..., str]:
+    return h.lab_config
