@@ -39,19 +39,31 @@ JUMPS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def ruleset(inside: str, outside: str, queue: int, publics: Iterable[int]) -> str:
-    """The ``iptables-restore --noflush`` input for one gateway."""
+def ruleset(
+    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+) -> str:
+    """The ``iptables-restore --noflush`` input for one gateway.
+
+    With ``tcp_queue`` TCP goes to that queue (the GSO one) and everything
+    else to ``queue``.
+    """
     pubs = [str(ipaddress.IPv4Address(p)) for p in publics]
     m_in = f"0x{MARK_INSIDE:x}/0x{MARK_INSIDE:x}"
     m_tr = f"0x{MARK_TRANSLATED:x}/0x{MARK_TRANSLATED:x}"
     q = f"-j NFQUEUE --queue-num {queue}"
+    qt = f"-p tcp -j NFQUEUE --queue-num {tcp_queue}"
     fwd_inside = f"-i {inside} -m addrtype ! --dst-type LOCAL"
     lines = ["*raw", ":SNATGW-PRE - [0:0]", f"-A SNATGW-PRE {fwd_inside} -j CT --notrack"]
     lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 -j CT --notrack" for p in pubs]
     lines += ["-I PREROUTING 1 -j SNATGW-PRE", "COMMIT"]
     lines += ["*mangle", ":SNATGW-PRE - [0:0]", ":SNATGW-POST - [0:0]"]
     lines += [f"-A SNATGW-PRE {fwd_inside} -j MARK --set-xmark {m_in}"]
-    lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 {q}" for p in pubs]
+    for p in pubs:
+        if tcp_queue is not None:
+            lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 {qt}"]
+        lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 {q}"]
+    if tcp_queue is not None:
+        lines += [f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {qt}"]
     lines += [f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {q}"]
     lines += ["-I PREROUTING 1 -j SNATGW-PRE", "-I POSTROUTING 1 -j SNATGW-POST", "COMMIT"]
     lines += ["*filter", ":SNATGW-FWD - [0:0]"]
@@ -64,10 +76,13 @@ def _run(argv: Sequence[str], data: str | None = None) -> subprocess.CompletedPr
     return subprocess.run(list(argv), input=data, capture_output=True, text=True, check=False)
 
 
-def install(inside: str, outside: str, queue: int, publics: Iterable[int]) -> None:
+def install(
+    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+) -> None:
     """Remove any stale rules, then install ours atomically; raise RuntimeError on failure."""
     remove()
-    res = _run(["iptables-restore", "--noflush", "-w"], ruleset(inside, outside, queue, publics))
+    text = ruleset(inside, outside, queue, publics, tcp_queue)
+    res = _run(["iptables-restore", "--noflush", "-w"], text)
     if res.returncode != 0:
         raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")
 

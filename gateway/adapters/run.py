@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.adapters import iptables, system
-from gateway.adapters.nfq import PacketLoop
+from gateway.adapters.loop import PacketLoop
 from gateway.config import GatewayConfig
 from gateway.core.pool import ip_str
 from gateway.core.table import TranslationTable
@@ -30,6 +30,7 @@ def _describe(cfg: GatewayConfig, table: TranslationTable) -> dict[str, Any]:
     return {
         "config": cfg.path,
         "queue": cfg.queue,
+        "tcp_queue": cfg.queue + 1 if cfg.tcp_gso else None,
         "inside": cfg.inside,
         "outside": cfg.outside,
         "public_ips": [ip_str(a) for a in cfg.model.public_addresses()],
@@ -50,12 +51,13 @@ def run(cfg: GatewayConfig, log: Any) -> int:
             log.warning(ev.name, **ev.fields)
         table.events.clear()
 
-    loop = PacketLoop(table, cfg.queue, max_len=cfg.queue_maxlen, on_events=flush_events)
+    tcp_queue = cfg.queue + 1 if cfg.tcp_gso else None
+    loop = PacketLoop(table, cfg.queue, tcp_queue=tcp_queue, max_len=cfg.queue_maxlen, on_events=flush_events)
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     try:
         system.add_addresses(cfg.outside, publics)
-        iptables.install(cfg.inside, cfg.outside, cfg.queue, publics)
+        iptables.install(cfg.inside, cfg.outside, cfg.queue, publics, tcp_queue)
         system.enable_forwarding(STATE_DIR)
         log.info("gateway_ready", **_describe(cfg, table))
         loop.run()

@@ -78,3 +78,34 @@ def checksums_ok(data: bytes | bytearray | memoryview) -> bool:
         return True
     pseudo = b[12:20] + bytes([0, s.proto]) + len(l4).to_bytes(2, "big")
     return checksum(l4, ones_sum(pseudo)) == 0
+
+
+def fill_l4_checksum(buf: bytearray | memoryview) -> None:
+    """Write a full TCP or UDP checksum into a packet whose checksum is partial.
+
+    With ``NFQA_CFG_F_GSO`` the kernel queues small packets whose transport
+    checksum is still only the pseudo-header sum, and sends them as written
+    after a mangled verdict (KERNEL_NOTES.md). Other protocols, and packets
+    too short to carry the field, are left alone; never raises for them.
+    """
+    n = len(buf)
+    if n < 20:
+        return
+    ihl = (buf[0] & 15) << 2
+    proto = buf[9]
+    if proto == PROTO_TCP:
+        at = ihl + 16
+    elif proto == PROTO_UDP:
+        at = ihl + 6
+    else:
+        return
+    if ihl < 20 or n < at + 2:
+        return
+    buf[at] = 0
+    buf[at + 1] = 0
+    pseudo = ones_sum(bytes(buf[12:20])) + proto + (n - ihl)
+    c = checksum(memoryview(buf)[ihl:n], pseudo)
+    if proto == PROTO_UDP and c == 0:
+        c = 0xFFFF
+    buf[at] = c >> 8
+    buf[at + 1] = c & 0xFF

@@ -96,6 +96,9 @@ _ICMP_ECHO_REQUEST = 8
 _ICMP_ECHO_REPLY = 0
 _ZERO2 = b"\0\0"
 
+#: A packet as the adapters hand it over: writable, indexable, sliceable.
+Buffer = bytearray | memoryview
+
 _H = struct.Struct("!H")
 _HI = struct.Struct("!H4s")
 _UDP = struct.Struct("!HHHH")
@@ -144,7 +147,7 @@ class TranslationTable:
 
     # ------------------------------------------------------------------ in2out
 
-    def in2out(self, buf: bytearray, now: float) -> int:
+    def in2out(self, buf: Buffer, now: float) -> int:
         """Translate a packet from a backend toward the outside, in place."""
         n = len(buf)
         if n < 28 or buf[0] >> 4 != 4:
@@ -205,7 +208,7 @@ class TranslationTable:
 
     # ------------------------------------------------------------------ out2in
 
-    def out2in(self, buf: bytearray, now: float) -> int:
+    def out2in(self, buf: Buffer, now: float) -> int:
         """Translate a return packet to its backend, in place; drop it unless it
         comes from the exact remote endpoint of a live flow (or is an ICMP
         error about one)."""
@@ -267,7 +270,7 @@ class TranslationTable:
 
     # ------------------------------------------------------------------ ICMP
 
-    def _icmp_in2out(self, buf: bytearray, ihl: int, n: int, now: float) -> int:
+    def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> int:
         if ihl < 20 or n < ihl + 8:
             self.counters[D_MALFORMED] += 1
             return DROP
@@ -292,7 +295,7 @@ class TranslationTable:
         self.counters[D_UNSUPPORTED] += 1
         return DROP
 
-    def _icmp_out2in(self, buf: bytearray, ihl: int, n: int, now: float) -> int:
+    def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> int:
         if ihl < 20 or n < ihl + 8:
             self.counters[D_MALFORMED] += 1
             return DROP
@@ -317,7 +320,7 @@ class TranslationTable:
         self.counters[D_NO_FLOW] += 1
         return DROP
 
-    def _icmp_error(self, buf: bytearray, ihl: int, n: int, inbound: bool) -> int:
+    def _icmp_error(self, buf: Buffer, ihl: int, n: int, inbound: bool) -> int:
         """Translate an ICMP error about a live flow, embedded header included
         (RFC 5508 section 7; RFC 1812 section 4.3.2.3 on what is quoted).
 
@@ -395,7 +398,7 @@ class TranslationTable:
 
     # ------------------------------------------------------------------ flows
 
-    def _new_flow(self, buf: bytearray, ihl: int, proto: int, key: bytes, now: float) -> Flow | None:
+    def _new_flow(self, buf: Buffer, ihl: int, proto: int, key: bytes, now: float) -> Flow | None:
         """Create the flow for a first outbound packet (scenario policy, port
         allocation); None (counted) when there is no address or no port."""
         src = int.from_bytes(buf[12:16], "big")

@@ -37,7 +37,9 @@ STOP_TIMEOUT = 10.0
 # --------------------------------------------------------------------------- config
 
 
-_GATEWAY_KEYS = ("inside", "outside", "queue", "idle_timeout", "tcp_fin_linger", "tcp_rst_linger")
+_GATEWAY_KEYS = (
+    "inside", "outside", "queue", "idle_timeout", "tcp_fin_linger", "tcp_rst_linger", "tcp_gso",
+)
 _SECTION_KEYS = ("frontends", "pools", "lb_rules", "instance_ips")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 
 from gateway.core.model import Timeouts
-from gateway.core.packet import checksums_ok, describe
+from gateway.core.packet import checksums_ok, describe, fill_l4_checksum
 from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, TranslationTable
 from tests.unit.conftest import (
     DEFAULTS,
@@ -258,3 +258,23 @@ def test_default_address_grows_a_tier_and_halves_blocks() -> None:
         if be.block is not None and be.address.ip == first_block.public_ip:
             assert be.block.size == 512
             assert all(be.block.start <= f.pport < be.block.start + 512 for f in be.flows), ip_
+
+
+def test_translation_works_in_place_on_a_memoryview(table: TranslationTable) -> None:
+    """The netlink queue hands the core a memoryview into its ring; rewriting works the same."""
+    ring = bytearray(200)
+    pkt = udp(POOL[0], SERVER, 40000, 5000)
+    ring[50 : 50 + len(pkt)] = pkt
+    view = memoryview(ring)[50 : 50 + len(pkt)]
+    assert table.in2out(view, 0.0) == ACCEPT_MODIFIED
+    assert checksums_ok(view)
+    assert describe(view).src == FRONTEND
+
+
+def test_partial_checksum_is_completed() -> None:
+    """A packet queued with only its pseudo-header sum gets a full transport checksum."""
+    for pkt in (tcp(POOL[0], SERVER, 40000, 80, "S", b"abc"), udp(POOL[0], SERVER, 1, 2, b"odd")):
+        pkt[-1] ^= 0xFF
+        assert not checksums_ok(pkt)
+        fill_l4_checksum(pkt)
+        assert checksums_ok(pkt)

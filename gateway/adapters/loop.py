@@ -1,9 +1,20 @@
-"""The packet loop: NFQUEUE (netfilterqueue) in, the core's verdicts out.
+"""The packet loop: NFQUEUE in, the core's verdicts out.
 
-One queue carries both directions; the netfilter hook tells them apart
-(POSTROUTING: in2out, PREROUTING: out2in). The loop sleeps in ``select`` on
-the queue's socket until a packet arrives or the core's next timer is due
-(``get_timer`` / ``handle_timer``, as in aioquic), then drains the socket.
+Two queues, one per kind of traffic (KERNEL_NOTES.md, "Whole GSO segments"):
+
+- UDP and ICMP (and TCP when GSO is off) go through netfilterqueue on the
+  configured queue number. The kernel hands it MTU-sized packets with full
+  checksums, which the core updates incrementally.
+- TCP goes through :class:`~gateway.adapters.nlqueue.NetlinkQueue` on the next
+  queue number with ``NFQA_CFG_F_GSO``: whole GSO super-packets of up to
+  64 KiB, one Python round trip each instead of one per 1448 bytes. For those
+  the kernel recomputes the TCP checksum when it segments them; small packets
+  whose checksum is still partial get a full one from the core.
+
+Either direction arrives on the same queue; the netfilter hook tells them
+apart (POSTROUTING: in2out, PREROUTING: out2in). The loop sleeps in
+``select`` until a packet arrives or the core's next timer is due
+(``get_timer`` / ``handle_timer``, as in aioquic), then drains the sockets.
 """
 
 from __future__ import annotations
@@ -19,36 +30,48 @@ from typing import Any
 from netfilterqueue import NetfilterQueue
 
 from gateway.adapters.iptables import MARK_TRANSLATED
-from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, TranslationTable
+from gateway.adapters.nlqueue import SKBINFO_CSUMNOTREADY, SKBINFO_GSO, NetlinkQueue
+from gateway.core.packet import fill_l4_checksum
+from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, TranslationTable
 
 HOOK_POSTROUTING = 4
 #: Longest sleep, so that signals and events are handled promptly without traffic.
 MAX_SLEEP = 0.5
+#: Packets handled per NetlinkQueue.receive call before the loop looks at timers.
+BATCH = 256
 
 
 class PacketLoop:
-    """Binds the queue and runs the table until asked to stop."""
+    """Binds the queues and runs the table until asked to stop."""
 
     def __init__(
         self,
         table: TranslationTable,
         queue: int,
         *,
+        tcp_queue: int | None = None,
         max_len: int = 4096,
         rcvbuf: int = 8 << 20,
         on_events: Callable[[], None] = lambda: None,
     ) -> None:
         self.table = table
-        self.queue = queue
         self.now = time.monotonic()
         self.on_events = on_events
         self.stopping = False
         self.nfq = NetfilterQueue()
-        self.nfq.bind(queue, self._packet, max_len=max_len, sock_len=rcvbuf)
+        self.nfq.bind(queue, self._nfq_packet, max_len=max_len, sock_len=rcvbuf)
         self.sock = socket.socket(fileno=self.nfq.get_fd())
         self.sock.setblocking(False)
+        self.gso: NetlinkQueue | None = None
+        if tcp_queue is not None:
+            try:
+                self.gso = NetlinkQueue(tcp_queue, gso=True, max_len=max_len, rcvbuf=rcvbuf * 2)
+            except OSError:
+                self.close()
+                raise
+            self.gso.mark = MARK_TRANSLATED
 
-    def _packet(self, pkt: Any) -> None:
+    def _nfq_packet(self, pkt: Any) -> None:
         table = self.table
         try:
             buf = bytearray(pkt.get_payload())
@@ -70,6 +93,20 @@ class PacketLoop:
         else:
             pkt.drop()
 
+    def _gso_packet(self, payload: memoryview, hook: int, skbinfo: int) -> int:
+        table = self.table
+        try:
+            if hook == HOOK_POSTROUTING:
+                verdict = table.in2out(payload, self.now)
+            else:
+                verdict = table.out2in(payload, self.now)
+            if verdict != DROP and skbinfo & SKBINFO_CSUMNOTREADY and not skbinfo & SKBINFO_GSO:
+                fill_l4_checksum(payload)
+        except Exception:  # as above: drop and count, never stop the loop
+            table.count_internal_error()
+            return DROP
+        return verdict
+
     def stop(self, *_: Any) -> None:
         self.stopping = True
 
@@ -82,6 +119,9 @@ class PacketLoop:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ)
         sel.register(rfd, selectors.EVENT_READ)
+        gso = self.gso
+        if gso is not None:
+            sel.register(gso.fileno(), selectors.EVENT_READ)
         table = self.table
         try:
             while not self.stopping:
@@ -94,6 +134,9 @@ class PacketLoop:
                             rfd.recv(4096)
                 self.now = time.monotonic()
                 self.nfq.run(block=False)
+                if gso is not None:
+                    while gso.receive(self._gso_packet, BATCH) == BATCH:
+                        self.now = time.monotonic()
                 table.handle_timer(time.monotonic())
                 if table.events:
                     self.on_events()
@@ -104,7 +147,10 @@ class PacketLoop:
             wfd.close()
 
     def close(self) -> None:
-        try:
+        """Unbind both queues; idempotent."""
+        if self.gso is not None:
+            self.gso.close()
+        with contextlib.suppress(OSError):
             self.nfq.unbind()
-        finally:
+        if self.sock.fileno() >= 0:
             self.sock.detach()
