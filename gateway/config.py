@@ -46,7 +46,9 @@ class GatewayConfig:
     queue: int
     model: GatewayModel
     queue_maxlen: int = 4096
-    tcp_gso: bool = True
+    #: "netlink": our client, UDP/ICMP on ``queue`` and TCP with GSO on ``queue + 1``;
+    #: "netfilterqueue": the library, everything on ``queue``.
+    queue_client: str = "netlink"
 
 
 _SECTIONS = {"gateway", "frontends", "pools", "lb_rules", "instance_ips", "default_snat"}
@@ -55,7 +57,7 @@ _GATEWAY_KEYS = {
     "outside",
     "queue",
     "queue_maxlen",
-    "tcp_gso",
+    "queue_client",
     "idle_timeout",
     "tcp_fin_linger",
     "tcp_rst_linger",
@@ -138,11 +140,11 @@ def parse(text: str, path: str) -> GatewayConfig:
         raise r.fail("gateway.outside", "must differ from gateway.inside")
     queue = r.integer(gw.get("queue", 0), "gateway.queue", 0, 65535)
     maxlen = r.integer(gw.get("queue_maxlen", 4096), "gateway.queue_maxlen", 16, 65536)
-    tcp_gso = gw.get("tcp_gso", True)
-    if not isinstance(tcp_gso, bool):
-        raise r.fail("gateway.tcp_gso", "must be true or false")
-    if tcp_gso and queue == 65535:
-        raise r.fail("gateway.queue", "must be below 65535 with tcp_gso (TCP uses queue + 1)")
+    client = gw.get("queue_client", "netlink")
+    if client not in ("netlink", "netfilterqueue"):
+        raise r.fail("gateway.queue_client", f"{client!r} is not one of netlink, netfilterqueue")
+    if client == "netlink" and queue == 65535:
+        raise r.fail("gateway.queue", "must be below 65535 with queue_client netlink (TCP uses queue + 1)")
     timeouts = Timeouts(
         idle=r.seconds(gw.get("idle_timeout", 240), "gateway.idle_timeout"),
         tcp_fin_linger=r.seconds(gw.get("tcp_fin_linger", 10), "gateway.tcp_fin_linger"),
@@ -247,7 +249,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         resolve(model)
     except ModelError as e:
         raise r.fail(e.key, e.problem) from None
-    return GatewayConfig(path, inside, outside, queue, model, maxlen, tcp_gso)
+    return GatewayConfig(path, inside, outside, queue, model, maxlen, client)
 
 
 def load(path: str | Path) -> GatewayConfig:

@@ -1,15 +1,17 @@
 """The packet loop: NFQUEUE in, the core's verdicts out.
 
-Two queues, one per kind of traffic (KERNEL_NOTES.md, "Whole GSO segments"):
+Two queue clients, chosen by ``gateway.queue_client``:
 
-- UDP and ICMP (and TCP when GSO is off) go through netfilterqueue on the
-  configured queue number. The kernel hands it MTU-sized packets with full
-  checksums, which the core updates incrementally.
-- TCP goes through :class:`~gateway.adapters.nlqueue.NetlinkQueue` on the next
-  queue number with ``NFQA_CFG_F_GSO``: whole GSO super-packets of up to
-  64 KiB, one Python round trip each instead of one per 1448 bytes. For those
-  the kernel recomputes the TCP checksum when it segments them; small packets
-  whose checksum is still partial get a full one from the core.
+- ``netlink`` (default): :class:`~gateway.adapters.nlqueue.NetlinkQueue`
+  on two queues (KERNEL_NOTES.md, "Whole GSO segments"). UDP and ICMP use the
+  configured queue, where the kernel hands over MTU-sized packets with full
+  checksums. TCP uses the next queue with ``NFQA_CFG_F_GSO``: whole GSO
+  super-packets of up to 64 KiB, one Python round trip each instead of one per
+  1448 bytes; the kernel recomputes the TCP checksum when it segments them,
+  and small packets whose checksum is still partial get a full one here. Each
+  drain sends all its verdicts in one ``sendmsg``.
+- ``netfilterqueue``: the library, one queue for everything, one verdict
+  syscall per packet and no GSO. Kept as the reference client and fallback.
 
 Either direction arrives on the same queue; the netfilter hook tells them
 apart (POSTROUTING: in2out, PREROUTING: out2in). The loop sleeps in
@@ -49,27 +51,32 @@ class PacketLoop:
         table: TranslationTable,
         queue: int,
         *,
-        tcp_queue: int | None = None,
+        client: str = "netlink",
         max_len: int = 4096,
-        rcvbuf: int = 8 << 20,
+        rcvbuf: int = 16 << 20,
         on_events: Callable[[], None] = lambda: None,
     ) -> None:
         self.table = table
         self.now = time.monotonic()
         self.on_events = on_events
         self.stopping = False
-        self.nfq = NetfilterQueue()
-        self.nfq.bind(queue, self._nfq_packet, max_len=max_len, sock_len=rcvbuf)
-        self.sock = socket.socket(fileno=self.nfq.get_fd())
-        self.sock.setblocking(False)
-        self.gso: NetlinkQueue | None = None
-        if tcp_queue is not None:
-            try:
-                self.gso = NetlinkQueue(tcp_queue, gso=True, max_len=max_len, rcvbuf=rcvbuf * 2)
-            except OSError:
-                self.close()
-                raise
-            self.gso.mark = MARK_TRANSLATED
+        self.nfq: NetfilterQueue | None = None
+        self.sock: socket.socket | None = None
+        self.queues: list[NetlinkQueue] = []
+        try:
+            if client == "netfilterqueue":
+                self.nfq = NetfilterQueue()
+                self.nfq.bind(queue, self._nfq_packet, max_len=max_len, sock_len=rcvbuf)
+                self.sock = socket.socket(fileno=self.nfq.get_fd())
+                self.sock.setblocking(False)
+            else:
+                for num, gso in ((queue, False), (queue + 1, True)):
+                    q = NetlinkQueue(num, gso=gso, max_len=max_len, rcvbuf=rcvbuf)
+                    q.mark = MARK_TRANSLATED
+                    self.queues.append(q)
+        except OSError:
+            self.close()
+            raise
 
     def _nfq_packet(self, pkt: Any) -> None:
         table = self.table
@@ -93,7 +100,7 @@ class PacketLoop:
         else:
             pkt.drop()
 
-    def _gso_packet(self, payload: memoryview, hook: int, skbinfo: int) -> int:
+    def _nl_packet(self, payload: memoryview, hook: int, skbinfo: int) -> int:
         table = self.table
         try:
             if hook == HOOK_POSTROUTING:
@@ -117,11 +124,14 @@ class PacketLoop:
         wfd.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wfd.fileno())
         sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
         sel.register(rfd, selectors.EVENT_READ)
-        gso = self.gso
-        if gso is not None:
-            sel.register(gso.fileno(), selectors.EVENT_READ)
+        if self.sock is not None:
+            sel.register(self.sock, selectors.EVENT_READ)
+        for q in self.queues:
+            sel.register(q.fileno(), selectors.EVENT_READ)
+        nfq = self.nfq
+        queues = self.queues
+        handler = self._nl_packet
         table = self.table
         try:
             while not self.stopping:
@@ -133,9 +143,10 @@ class PacketLoop:
                         with contextlib.suppress(BlockingIOError):
                             rfd.recv(4096)
                 self.now = time.monotonic()
-                self.nfq.run(block=False)
-                if gso is not None:
-                    while gso.receive(self._gso_packet, BATCH) == BATCH:
+                if nfq is not None:
+                    nfq.run(block=False)
+                for q in queues:
+                    while q.receive(handler, BATCH) == BATCH:
                         self.now = time.monotonic()
                 table.handle_timer(time.monotonic())
                 if table.events:
@@ -147,10 +158,11 @@ class PacketLoop:
             wfd.close()
 
     def close(self) -> None:
-        """Unbind both queues; idempotent."""
-        if self.gso is not None:
-            self.gso.close()
-        with contextlib.suppress(OSError):
-            self.nfq.unbind()
-        if self.sock.fileno() >= 0:
+        """Unbind every queue; idempotent."""
+        for q in self.queues:
+            q.close()
+        if self.nfq is not None:
+            with contextlib.suppress(OSError):
+                self.nfq.unbind()
+        if self.sock is not None and self.sock.fileno() >= 0:
             self.sock.detach()

@@ -30,7 +30,8 @@ def _describe(cfg: GatewayConfig, table: TranslationTable) -> dict[str, Any]:
     return {
         "config": cfg.path,
         "queue": cfg.queue,
-        "tcp_queue": cfg.queue + 1 if cfg.tcp_gso else None,
+        "tcp_queue": cfg.queue + 1 if cfg.queue_client == "netlink" else None,
+        "queue_client": cfg.queue_client,
         "inside": cfg.inside,
         "outside": cfg.outside,
         "public_ips": [ip_str(a) for a in cfg.model.public_addresses()],
@@ -51,8 +52,10 @@ def run(cfg: GatewayConfig, log: Any) -> int:
             log.warning(ev.name, **ev.fields)
         table.events.clear()
 
-    tcp_queue = cfg.queue + 1 if cfg.tcp_gso else None
-    loop = PacketLoop(table, cfg.queue, tcp_queue=tcp_queue, max_len=cfg.queue_maxlen, on_events=flush_events)
+    tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
+    loop = PacketLoop(
+        table, cfg.queue, client=cfg.queue_client, max_len=cfg.queue_maxlen, on_events=flush_events
+    )
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     try:

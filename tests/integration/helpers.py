@@ -38,7 +38,7 @@ STOP_TIMEOUT = 10.0
 
 
 _GATEWAY_KEYS = (
-    "inside", "outside", "queue", "idle_timeout", "tcp_fin_linger", "tcp_rst_linger", "tcp_gso",
+    "inside", "outside", "queue", "idle_timeout", "tcp_fin_linger", "tcp_rst_linger", "queue_client",
 )
 _SECTION_KEYS = ("frontends", "pools", "lb_rules", "instance_ips")
 

@@ -1,4 +1,4 @@
-"""TCP on its own GSO queue, or everything on one netfilterqueue queue: both translate."""
+"""Both queue clients translate: netlink (TCP on its own GSO queue) and netfilterqueue."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _bulk_transfer(lab: LabNames, src: str) -> tuple[str, str]:
 
 
 def test_tcp_uses_the_gso_queue_and_data_arrives_intact(lab: LabNames, gateway: h.GatewayFactory) -> None:
-    """With tcp_gso (the default) TCP is queued on queue + 1 and 8 MB arrive byte for byte."""
+    """With the netlink client (the default) TCP is queued on queue + 1 and 8 MB arrive intact."""
     gateway(h.lab_config(queue=4))
     rules = h.iptables_save(lab)
     assert "-p tcp -j NFQUEUE --queue-num 5" in rules
@@ -45,9 +45,9 @@ def test_tcp_uses_the_gso_queue_and_data_arrives_intact(lab: LabNames, gateway: 
     assert sent == got
 
 
-def test_everything_on_one_queue_without_gso(lab: LabNames, gateway: h.GatewayFactory) -> None:
-    """With tcp_gso = false all traffic uses the one queue, and TCP still translates intact."""
-    gateway(h.lab_config(queue=4, tcp_gso=False))
+def test_netfilterqueue_client_on_one_queue(lab: LabNames, gateway: h.GatewayFactory) -> None:
+    """With queue_client = netfilterqueue all traffic uses the one queue and translates intact."""
+    gateway(h.lab_config(queue=4, queue_client="netfilterqueue"))
     rules = h.iptables_save(lab)
     assert "--queue-num 5" not in rules
     res = h.curl(lab, t.STANDALONE[0], f"http://{t.SERVER}/")
