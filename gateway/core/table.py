@@ -113,6 +113,30 @@ class Event:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+#: Shortest transport header per IP protocol number (0: not looked at here).
+_L4_MIN = [0] * 256
+_L4_MIN[PROTO_TCP] = 20
+_L4_MIN[PROTO_UDP] = 8
+_L4_MIN[PROTO_ICMP] = 8
+
+
+def _l4_offset(buf: Buffer, n: int) -> int:
+    """Where the transport header starts, or minus the drop counter that applies.
+
+    An unfragmented IPv4 packet whose header and transport header fit in
+    ``n`` bytes gives its header length; anything else is malformed or a
+    fragment (this gateway translates neither).
+    """
+    if n < 28 or buf[0] >> 4 != 4:
+        return -D_MALFORMED
+    ihl = (buf[0] & 15) << 2
+    if ihl < 20 or n < ihl + _L4_MIN[buf[9]]:
+        return -D_MALFORMED
+    if buf[6] & 0x3F or buf[7]:
+        return -D_FRAGMENT
+    return ihl
+
+
 def _fix(csum: int, d: int) -> int:
     """RFC 1624 eqn. 3, ``~(~HC + d)``, for a folded ``d``.
 
@@ -150,18 +174,12 @@ class TranslationTable:
     def in2out(self, buf: Buffer, now: float) -> int:
         """Translate a packet from a backend toward the outside, in place."""
         n = len(buf)
-        if n < 28 or buf[0] >> 4 != 4:
-            self.counters[D_MALFORMED] += 1
-            return DROP
-        ihl = (buf[0] & 15) << 2
-        if buf[6] & 0x3F or buf[7]:
-            self.counters[D_FRAGMENT] += 1
+        ihl = _l4_offset(buf, n)
+        if ihl < 0:
+            self.counters[-ihl] += 1
             return DROP
         proto = buf[9]
         if proto == PROTO_UDP:
-            if ihl < 20 or n < ihl + 8:
-                self.counters[D_MALFORMED] += 1
-                return DROP
             key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._udp_in.get(key)
             if f is None:
@@ -175,9 +193,6 @@ class TranslationTable:
                     c += 0xFFFF
             _UDP.pack_into(buf, ihl, f.pport, dp, ln, c)
         elif proto == PROTO_TCP:
-            if ihl < 20 or n < ihl + 20:
-                self.counters[D_MALFORMED] += 1
-                return DROP
             key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._tcp_in.get(key)
             if f is None:
@@ -213,18 +228,12 @@ class TranslationTable:
         comes from the exact remote endpoint of a live flow (or is an ICMP
         error about one)."""
         n = len(buf)
-        if n < 28 or buf[0] >> 4 != 4:
-            self.counters[D_MALFORMED] += 1
-            return DROP
-        ihl = (buf[0] & 15) << 2
-        if buf[6] & 0x3F or buf[7]:
-            self.counters[D_FRAGMENT] += 1
+        ihl = _l4_offset(buf, n)
+        if ihl < 0:
+            self.counters[-ihl] += 1
             return DROP
         proto = buf[9]
         if proto == PROTO_UDP:
-            if ihl < 20 or n < ihl + 8:
-                self.counters[D_MALFORMED] += 1
-                return DROP
             key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._udp_out.get(key)
             if f is None:
@@ -237,9 +246,6 @@ class TranslationTable:
                     c += 0xFFFF
             _UDP.pack_into(buf, ihl, sp, f.bport, ln, c)
         elif proto == PROTO_TCP:
-            if ihl < 20 or n < ihl + 20:
-                self.counters[D_MALFORMED] += 1
-                return DROP
             key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._tcp_out.get(key)
             if f is None:
@@ -271,9 +277,6 @@ class TranslationTable:
     # ------------------------------------------------------------------ ICMP
 
     def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> int:
-        if ihl < 20 or n < ihl + 8:
-            self.counters[D_MALFORMED] += 1
-            return DROP
         typ = buf[ihl]
         if typ == _ICMP_ECHO_REQUEST:
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + _ZERO2
@@ -296,9 +299,6 @@ class TranslationTable:
         return DROP
 
     def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> int:
-        if ihl < 20 or n < ihl + 8:
-            self.counters[D_MALFORMED] += 1
-            return DROP
         typ = buf[ihl]
         if typ == _ICMP_ECHO_REPLY:
             key = bytes(buf[12:20]) + _ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
