@@ -49,6 +49,7 @@ def test_backend_addresses_order_and_validation() -> None:
 
 
 def test_names() -> None:
+    """Namespace names derive from the prefix; bad prefixes are refused."""
     assert t.names("sgt-x") == t.LabNames("sgt-x", "sgt-x-be", "sgt-x-gw", "sgt-x-inet")
     assert t.names().gw == "snatgw-gw"
     for bad in ("", "-x", "a/b", "x" * 21, "UPPER"):
@@ -63,16 +64,19 @@ def test_names() -> None:
      (b"PUSHLATERx 5", None), (b"hello", None), (b"PUSHLATER nan", None), (b"", None)],
 )
 def test_parse_push(data: bytes, delay: float | None) -> None:
+    """PUSHLATER requests are recognised with their bounded delay."""
     assert w.parse_push(data) == delay
 
 
 @given(st.binary(max_size=64))
 def test_parse_push_never_raises(data: bytes) -> None:
+    """Any datagram is either no push or a push with a delay in range."""
     d = w.parse_push(data)
     assert d is None or 0.0 <= d <= w.MAX_PUSH_DELAY
 
 
 def test_http_response() -> None:
+    """whoami answers GET with the peer's ip:port and refuses other methods."""
     resp = w.http_response(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "198.51.100.10", 1024)
     head, body = resp.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.0 200 OK") and b"Connection: close" in head
