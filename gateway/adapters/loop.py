@@ -145,9 +145,8 @@ class PacketLoop:
                 self.now = time.monotonic()
                 if nfq is not None:
                     nfq.run(block=False)
-                for q in queues:
-                    while q.receive(handler, BATCH) == BATCH:
-                        self.now = time.monotonic()
+                for q in queues:  # at most BATCH each, so a flood on one starves neither
+                    q.receive(handler, BATCH)  # the other queue nor the timers
                 table.handle_timer(time.monotonic())
                 if table.events:
                     self.on_events()

@@ -122,16 +122,6 @@ class PortBlock:
             inv.cursor = 0
         self.size = new_size
 
-    def ports_in_use(self) -> int:
-        """Distinct ports carrying at least one flow, over all protocols."""
-        if len(self.inventories) == 1:
-            return next(iter(self.inventories.values())).in_use
-        busy = 0
-        for off in range(self.size):
-            if any(inv.refs[off] for inv in self.inventories.values()):
-                busy += 1
-        return busy
-
 
 @dataclass(slots=True)
 class BlockLayout:
@@ -172,15 +162,7 @@ class BlockLayout:
         self.starts[backend] = start
         return start
 
-    def capacity(self) -> int:
-        """How many blocks of the current size fit on the address."""
-        return len(self.free_starts()) + len(self.starts)
-
     def halve(self) -> None:
         """Every block keeps its start and half its size; the upper halves go back."""
         self.size //= 2
         self._free = None
-
-    def release(self, backend: int) -> None:
-        if self.starts.pop(backend, None) is not None:
-            self._free = None

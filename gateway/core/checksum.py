@@ -48,8 +48,11 @@ def delta(old: bytes, new: bytes) -> int:
 
 
 def apply(csum: int, d: int) -> int:
-    """RFC 1624 eqn. 3: ``HC' = ~(~HC + ~m + m')`` with the precomputed ``d``."""
-    x = (~csum & 0xFFFF) + d
-    x = (x & 0xFFFF) + (x >> 16)
-    x = (x & 0xFFFF) + (x >> 16)
-    return ~x & 0xFFFF
+    """RFC 1624 eqn. 3, ``HC' = ~(~HC + ~m + m')``, with the precomputed, folded ``d``.
+
+    For 16-bit operands ``~(~HC + d)`` is ``HC - d`` in one's-complement
+    arithmetic: subtract, and add 0xFFFF back on a borrow. The per-packet
+    paths in :mod:`gateway.core.table` inline exactly this.
+    """
+    c = csum - d
+    return c + 0xFFFF if c < 0 else c

@@ -21,15 +21,6 @@ TCP_FIN_WAIT = 3
 TCP_CLOSED = 4
 TCP_RESET = 5
 
-STATE_NAMES = {
-    ACTIVE: "active",
-    TCP_SYN_SENT: "syn_sent",
-    TCP_ESTABLISHED: "established",
-    TCP_FIN_WAIT: "fin_wait",
-    TCP_CLOSED: "closed",
-    TCP_RESET: "reset",
-}
-
 TCP_FIN = 0x01
 TCP_SYN = 0x02
 TCP_RST = 0x04

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.core.block import PORT_BYTES, PortBlock
-from gateway.core.checksum import checksum, delta
+from gateway.core.checksum import apply, checksum, delta
 from gateway.core.flow import (
     END_CLOSED,
     END_IDLE,
@@ -135,17 +135,6 @@ def _l4_offset(buf: Buffer, n: int) -> int:
     if buf[6] & 0x3F or buf[7]:
         return -D_FRAGMENT
     return ihl
-
-
-def _fix(csum: int, d: int) -> int:
-    """RFC 1624 eqn. 3, ``~(~HC + d)``, for a folded ``d``.
-
-    With 16-bit operands ``~(~HC + d)`` is ``HC - d`` in one's-complement
-    arithmetic: subtract, and add 0xFFFF back on borrow. The per-packet
-    paths inline this form.
-    """
-    c = csum - d
-    return c + 0xFFFF if c < 0 else c
 
 
 class TranslationTable:
@@ -288,9 +277,9 @@ class TranslationTable:
             f.last_seen = now
             f.pkts_out += 1
             f.bytes_out += n
-            _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.d_ip), f.public_b)
+            _HI.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.d_ip), f.public_b)
             buf[ihl + 4 : ihl + 6] = f.pport_b
-            _H.pack_into(buf, ihl + 2, _fix(buf[ihl + 2] << 8 | buf[ihl + 3], f.d_l4))
+            _H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.d_l4))
             self.counters[C_IN2OUT] += 1
             return ACCEPT_MODIFIED
         if typ in _ICMP_ERRORS:
@@ -309,10 +298,10 @@ class TranslationTable:
             f.last_seen = now
             f.pkts_in += 1
             f.bytes_in += n
-            _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], f.r_ip))
+            _H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.r_ip))
             buf[16:20] = f.backend_b
             buf[ihl + 4 : ihl + 6] = f.bport_b
-            _H.pack_into(buf, ihl + 2, _fix(buf[ihl + 2] << 8 | buf[ihl + 3], f.r_l4))
+            _H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.r_l4))
             self.counters[C_OUT2IN] += 1
             return ACCEPT_MODIFIED_MARK
         if typ in _ICMP_ERRORS:
@@ -361,8 +350,8 @@ class TranslationTable:
                 self.counters[D_NO_FLOW] += 1
                 return DROP
             d_ip, d_l4 = f.d_ip, f.d_l4
-            _HI.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], d_ip), f.public_b)
-            _H.pack_into(buf, i + 10, _fix(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            _HI.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip), f.public_b)
+            _H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
             buf[i + 16 : i + 20] = f.public_b
             buf[port_at : port_at + 2] = f.pport_b
         else:
@@ -370,23 +359,23 @@ class TranslationTable:
                 self.counters[D_NO_FLOW] += 1
                 return DROP
             d_ip, d_l4 = f.r_ip, f.r_l4
-            _H.pack_into(buf, 10, _fix(buf[10] << 8 | buf[11], d_ip))
+            _H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip))
             buf[16:20] = f.backend_b
-            _H.pack_into(buf, i + 10, _fix(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            _H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
             buf[i + 12 : i + 16] = f.backend_b
             buf[port_at : port_at + 2] = f.bport_b
         if iproto == PROTO_UDP:
             ic = l4 + 6
             if buf[ic] or buf[ic + 1]:
-                c = _fix(buf[ic] << 8 | buf[ic + 1], d_l4)
+                c = apply(buf[ic] << 8 | buf[ic + 1], d_l4)
                 _H.pack_into(buf, ic, c or 0xFFFF)
         elif iproto == PROTO_TCP:
             ic = l4 + 16
             if n >= ic + 2:
-                _H.pack_into(buf, ic, _fix(buf[ic] << 8 | buf[ic + 1], d_l4))
+                _H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
         else:
             ic = l4 + 2
-            _H.pack_into(buf, ic, _fix(buf[ic] << 8 | buf[ic + 1], d_l4))
+            _H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
         buf[ihl + 2] = 0
         buf[ihl + 3] = 0
         _H.pack_into(buf, ihl + 2, checksum(memoryview(buf)[ihl:n]))
@@ -626,5 +615,4 @@ __all__ = [
     "DROP",
     "Event",
     "TranslationTable",
-    "TCP_ESTABLISHED",
 ]

@@ -31,11 +31,3 @@ def ports_per_backend(backends: int) -> int:
         if backends <= limit:
             return size
     raise ValueError(f"{backends} backends on one address (at most {MAX_BACKENDS_PER_ADDRESS})")
-
-
-def tier_index(backends: int) -> int:
-    """Index into :data:`TIERS` of the tier that ``backends`` falls in."""
-    for i, (limit, _size) in enumerate(TIERS):
-        if backends <= limit:
-            return i
-    raise ValueError(f"{backends} backends on one address (at most {MAX_BACKENDS_PER_ADDRESS})")
