@@ -18,12 +18,13 @@ STATE_DIR = Path("/run/snatgw")
 
 
 def _describe(cfg: GatewayConfig, table: TranslationTable) -> dict[str, Any]:
+    frontends = {a.name: a for a in table.addresses.values() if a.name}
     pools = {}
     for pool in cfg.model.pools:
-        fe = table.pool_frontend.get(pool.name)
-        addr = next((a for a in table.addresses.values() if a.name == fe and fe), None)
+        fe = table.pool_frontend.get(pool.name, "")
+        addr = frontends.get(fe)
         pools[pool.name] = {
-            "frontend": fe or "",
+            "frontend": fe,
             "members": len(pool.members),
             "block_size": addr.block_size if addr is not None else 0,
         }

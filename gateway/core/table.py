@@ -409,28 +409,19 @@ class TranslationTable:
         outbound = self.outbound[proto]
         block = be.block
         dest = remote_b + rport_b
+        prefix = remote_b + public_b + rport_b
         if block is None:
             pport_b = bport_b
-            if proto == PROTO_ICMP:
-                out_key = remote_b + public_b + _ZERO2 + pport_b
-            else:
-                out_key = remote_b + public_b + rport_b + pport_b
-            if out_key in outbound:
+            if prefix + pport_b in outbound:
                 self._exhausted(be, proto, remote_b, rport_b, now)
                 return None
         else:
-            if proto == PROTO_ICMP:
-                port = block.allocate(proto, outbound, remote_b + public_b + _ZERO2, dest)
-            else:
-                port = block.allocate(proto, outbound, remote_b + public_b + rport_b, dest)
+            port = block.allocate(proto, outbound, prefix, dest)
             if port < 0:
                 self._exhausted(be, proto, remote_b, rport_b, now)
                 return None
             pport_b = PORT_BYTES[port]
-            if proto == PROTO_ICMP:
-                out_key = remote_b + public_b + _ZERO2 + pport_b
-            else:
-                out_key = remote_b + public_b + rport_b + pport_b
+        out_key = prefix + pport_b
         d_ip = delta(backend_b, public_b)
         if proto == PROTO_ICMP:
             d_l4 = delta(bport_b, pport_b)
