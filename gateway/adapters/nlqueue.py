@@ -172,6 +172,7 @@ _ERRNO = struct.Struct("=i")
 # nlmsghdr + nfgenmsg + VERDICT_HDR attribute; res_id and the verdict header
 # values are passed already byte swapped (socket.htons / htonl).
 _V_SIMPLE = struct.Struct("=IHHIIBBHHHII")  # 32 bytes
+
 # ... + NFQA_PAYLOAD attribute header (payload follows in the next iovec)
 _V_MANGLE = struct.Struct("=IHHIIBBHHHIIHH")  # 36 bytes
 # ... + NFQA_MARK attribute + NFQA_PAYLOAD attribute header
@@ -181,6 +182,17 @@ _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
 _htonl = socket.htonl
 _BE_ACCEPT = socket.htonl(VERDICT_ACCEPT)
 _BE_DROP = socket.htonl(VERDICT_DROP)
+
+
+def _pack_batch(out: bytearray, w: int, last_id: int, qbe: int) -> int:
+    """Write one NFQNL_MSG_VERDICT_BATCH accepting every queued id up to ``last_id``
+    at ``out[w:]``; return the position after it."""
+    _V_SIMPLE.pack_into(
+        out, w, 32, _T_VERDICT_BATCH, _NLM_F_REQUEST, last_id, 0, socket.AF_UNSPEC, 0, qbe,
+        12, 2, _BE_ACCEPT, _htonl(last_id),
+    )  # fmt: skip
+    return w + 32
+
 
 ParseResult = tuple[int, int, int, int, int, int, int]
 
@@ -516,7 +528,7 @@ class NetlinkQueue:
         iov_limit = _IOV_LIMIT
         dontwait = socket.MSG_DONTWAIT
         # verdict message fields shared by every pack below (see _V_SIMPLE)
-        v_t, b_t, req, af = _T_VERDICT, _T_VERDICT_BATCH, _NLM_F_REQUEST, socket.AF_UNSPEC
+        v_t, req, af = _T_VERDICT, _NLM_F_REQUEST, socket.AF_UNSPEC
         acc, drp = _BE_ACCEPT, _BE_DROP
 
         handled = 0
@@ -531,9 +543,7 @@ class NetlinkQueue:
         while handled < limit:
             if roff > ring_limit:  # ring full of pending mangled packets
                 if run_max >= 0:
-                    simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                htonl(run_max))  # fmt: skip
-                    w += 32
+                    w = _pack_batch(out, w, run_max, qbe)
                 self._send(segs, seg_start, w)
                 segs = []
                 w = seg_start = pend = roff = 0
@@ -547,9 +557,7 @@ class NetlinkQueue:
                     self.enobufs += 1
                     continue
                 if run_max >= 0:
-                    simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                htonl(run_max))  # fmt: skip
-                    w += 32
+                    w = _pack_batch(out, w, run_max, qbe)
                 self._send(segs, seg_start, w)
                 raise
             off = roff
@@ -564,9 +572,7 @@ class NetlinkQueue:
                         r = handler(rmv[poff : poff + plen], hook, info)
                     except BaseException:
                         if run_max >= 0:
-                            simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                        htonl(run_max))  # fmt: skip
-                            w += 32
+                            w = _pack_batch(out, w, run_max, qbe)
                         simple_into(out, w, 32, v_t, req, pid, 0, af, 0, qbe, 12, 2, drp,
                                     htonl(pid))  # fmt: skip
                         w += 32
@@ -580,16 +586,12 @@ class NetlinkQueue:
                     elif r in (2, 3):
                         if pend + plen > send_cap or len(segs) >= iov_limit:
                             if run_max >= 0:
-                                simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2,
-                                            acc, htonl(run_max))  # fmt: skip
-                                w += 32
+                                w = _pack_batch(out, w, run_max, qbe)
                             self._send(segs, seg_start, w)
                             segs = []
                             w = seg_start = pend = 0
                         elif run_max >= 0:
-                            simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                        htonl(run_max))  # fmt: skip
-                            w += 32
+                            w = _pack_batch(out, w, run_max, qbe)
                         run_max = -2
                         if w > seg_start:
                             segs.append(out_mv[seg_start:w])
@@ -632,9 +634,7 @@ class NetlinkQueue:
                         # a later batch accept must not let it through.
                         self._batch = False
                         if run_max >= 0:
-                            simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                        htonl(run_max))  # fmt: skip
-                            w += 32
+                            w = _pack_batch(out, w, run_max, qbe)
                         run_max = -2
                     continue
                 else:  # KIND_TRUNCATED / KIND_UNUSABLE: has an id, fail closed
@@ -650,9 +650,7 @@ class NetlinkQueue:
                     segs = []
                     w = seg_start = pend = 0
                 if run_max >= 0:
-                    simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                                htonl(run_max))  # fmt: skip
-                    w += 32
+                    w = _pack_batch(out, w, run_max, qbe)
                 run_max = -2
                 simple_into(out, w, 32, v_t, req, pid, 0, af, 0, qbe, 12, 2, be_verdict,
                             htonl(pid))  # fmt: skip
@@ -661,9 +659,7 @@ class NetlinkQueue:
                 roff = (end + 7) & -8
 
         if run_max >= 0:
-            simple_into(out, w, 32, b_t, req, run_max, 0, af, 0, qbe, 12, 2, acc,
-                        htonl(run_max))  # fmt: skip
-            w += 32
+            w = _pack_batch(out, w, run_max, qbe)
         if w > seg_start or segs:
             self._send(segs, seg_start, w)
         return handled
