@@ -22,7 +22,7 @@ from gateway.core.model import (
     Pool,
     Timeouts,
 )
-from gateway.core.pool import resolve
+from gateway.core.pool import plan
 from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS
 
 
@@ -62,6 +62,10 @@ _GATEWAY_KEYS = {
     "tcp_fin_linger",
     "tcp_rst_linger",
     "exhaustion_event_interval",
+    "high_water",
+    "control_socket",
+    "control_group",
+    "metrics",
 }
 
 
@@ -246,7 +250,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         exhaustion_event_interval=interval,
     )
     try:
-        resolve(model)
+        plan(model)
     except ModelError as e:
         raise r.fail(e.key, e.problem) from None
     return GatewayConfig(path, inside, outside, queue, model, maxlen, client)

@@ -1,6 +1,14 @@
-"""Port blocks: a backend's preallocated, contiguous range of SNAT ports on
-one public address, and how flows take ports from it (OUTBOUND_MODEL.md,
-"PAT" and "Preallocation by pool size").
+"""Port blocks: a backend's preallocated SNAT ports on one public address, and
+how flows take ports from them (OUTBOUND_MODEL.md, "PAT" and "Preallocation by
+pool size").
+
+A block is made of 32-port chunks (32 is the smallest block the tiers
+prescribe). At first every block is one contiguous run, laid out from
+:data:`PORT_MIN` in backend order. Chunks are what a resize moves: growing
+into a higher tier keeps each block's first half and gives the rest back;
+shrinking into a lower tier appends chunks, next to the block when they are
+free and elsewhere when they are not, so no port that carries a flow ever
+leaves its block ("no existing flow is affected").
 
 Allocation is endpoint-dependent, as the model asks: a port may carry
 several flows as long as their destinations (protocol, ip, port) differ. A
@@ -16,7 +24,7 @@ flows.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.tier import PORT_MAX, PORT_MIN
@@ -24,10 +32,22 @@ from gateway.core.tier import PORT_MAX, PORT_MIN
 #: Two-byte big-endian encodings of every port, built once (a constant table).
 PORT_BYTES: tuple[bytes, ...] = tuple(p.to_bytes(2, "big") for p in range(65536))
 
+#: Ports per chunk, the unit blocks are made of and resized by.
+CHUNK = 32
+CHUNK_SHIFT = 5
+#: Chunk numbers are ``port >> CHUNK_SHIFT``; these are the usable ones.
+FIRST_CHUNK = PORT_MIN >> CHUNK_SHIFT
+CHUNKS = (PORT_MAX + 1) >> CHUNK_SHIFT
+
 
 @dataclass(slots=True)
 class Inventory:
-    """One protocol's use of a block: TCP, UDP and ICMP count separately."""
+    """One protocol's use of a block: TCP, UDP and ICMP count separately.
+
+    ``high_armed`` is False between a ``snat_ports_high_water`` event and the
+    moment use falls back below the re-arm mark (no event storm around the
+    threshold).
+    """
 
     size: int
     refs: list[int] = field(default_factory=list)
@@ -36,6 +56,7 @@ class Inventory:
     cursor: int = 0
     in_use: int = 0
     peak: int = 0
+    high_armed: bool = True
 
     def __post_init__(self) -> None:
         if not self.refs:
@@ -45,12 +66,51 @@ class Inventory:
 
 @dataclass(slots=True)
 class PortBlock:
-    """``size`` ports from ``start`` on ``public_ip``, owned by one backend."""
+    """The ports of ``chunks`` on ``public_ip``, owned by one backend.
+
+    Offsets count ports through the chunks in order, so offset ``o`` is port
+    ``chunks[o // 32] * 32 + o % 32``.
+    """
 
     public_ip: int
-    start: int
-    size: int
+    chunks: list[int]
     inventories: dict[int, Inventory] = field(default_factory=dict)
+    size: int = 0
+    _pos: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.chunks) << CHUNK_SHIFT
+        self._pos = {c: i for i, c in enumerate(self.chunks)}
+
+    @classmethod
+    def contiguous(cls, public_ip: int, start: int, size: int) -> PortBlock:
+        """A block of ``size`` ports from ``start`` (both multiples of 32)."""
+        first = start >> CHUNK_SHIFT
+        return cls(public_ip, list(range(first, first + (size >> CHUNK_SHIFT))))
+
+    @property
+    def start(self) -> int:
+        return self.chunks[0] << CHUNK_SHIFT if self.chunks else 0
+
+    def port(self, off: int) -> int:
+        return self.chunks[off >> CHUNK_SHIFT] << CHUNK_SHIFT | off & (CHUNK - 1)
+
+    def offset(self, port: int) -> int:
+        return self._pos[port >> CHUNK_SHIFT] << CHUNK_SHIFT | port & (CHUNK - 1)
+
+    def __contains__(self, port: int) -> bool:
+        return port >> CHUNK_SHIFT in self._pos
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The block as (first, last) port ranges, lowest first, adjacent chunks merged."""
+        out: list[tuple[int, int]] = []
+        for c in sorted(self.chunks):
+            lo, hi = c << CHUNK_SHIFT, (c << CHUNK_SHIFT) + CHUNK - 1
+            if out and out[-1][1] + 1 == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
 
     def inventory(self, proto: int) -> Inventory:
         inv = self.inventories.get(proto)
@@ -70,7 +130,6 @@ class PortBlock:
         if used >= inv.size:
             return -1
         refs = inv.refs
-        start = self.start
         if inv.free:
             off = inv.free.popleft()
         else:
@@ -81,7 +140,7 @@ class PortBlock:
                 c += 1
                 if c >= size:
                     c = 0
-                if prefix + PORT_BYTES[start + c] not in taken:
+                if prefix + PORT_BYTES[self.port(c)] not in taken:
                     off = c
                     break
             inv.cursor = c
@@ -93,12 +152,12 @@ class PortBlock:
                 inv.peak = inv.in_use
         refs[off] += 1
         inv.dest[dest] = used + 1
-        return start + off
+        return self.port(off)
 
     def release(self, proto: int, port: int, dest: bytes) -> None:
         """Give back ``port``'s use by one flow toward ``dest``."""
         inv = self.inventories[proto]
-        off = port - self.start
+        off = self.offset(port)
         left = inv.dest[dest] - 1
         if left:
             inv.dest[dest] = left
@@ -109,60 +168,111 @@ class PortBlock:
             inv.in_use -= 1
             inv.free.append(off)
 
-    def shrink(self, new_size: int) -> None:
-        """Keep the lower ``new_size`` ports (a pool grew into a higher tier).
+    def retile(self, chunks: list[int]) -> None:
+        """Make the block ``chunks`` (a resize or a chunk swap).
 
-        The caller has already ended every flow on the upper ports, so those
-        ports are free and simply leave the inventories.
+        Chunks that stay keep their ports' use; the caller has already ended
+        every flow on chunks that leave, so they carry nothing. Ports of new
+        chunks join the end of the free line.
         """
+        remap = {c: i for i, c in enumerate(chunks)}
+        size = len(chunks) << CHUNK_SHIFT
         for inv in self.inventories.values():
-            inv.refs = inv.refs[:new_size]
-            inv.free = deque(o for o in inv.free if o < new_size)
-            inv.size = new_size
+            refs = [0] * size
+            keep: list[int] = []
+            for old in inv.free:
+                c = self.chunks[old >> CHUNK_SHIFT]
+                if c in remap:
+                    keep.append(remap[c] << CHUNK_SHIFT | old & (CHUNK - 1))
+            for i, c in enumerate(self.chunks):
+                pos = remap.get(c)
+                if pos is not None:
+                    base_old, base_new = i << CHUNK_SHIFT, pos << CHUNK_SHIFT
+                    refs[base_new : base_new + CHUNK] = inv.refs[base_old : base_old + CHUNK]
+            added = [c for c in chunks if c not in self._pos]
+            for c in added:
+                base = remap[c] << CHUNK_SHIFT
+                keep.extend(range(base, base + CHUNK))
+            inv.refs = refs
+            inv.free = deque(keep)
+            inv.size = size
             inv.cursor = 0
-        self.size = new_size
+        self.chunks = list(chunks)
+        self._pos = remap
+        self.size = size
+
+    def busy_chunks(self, chunks: Iterable[int]) -> bool:
+        """Whether any port of ``chunks`` carries a flow (in any protocol)."""
+        for c in chunks:
+            base = self._pos[c] << CHUNK_SHIFT
+            for inv in self.inventories.values():
+                if any(inv.refs[base : base + CHUNK]):
+                    return True
+        return False
 
 
 @dataclass(slots=True)
 class BlockLayout:
-    """Where each backend's block lies on one public address.
+    """Which chunks of one public address are owned, and the address's block size.
 
-    Blocks are aligned to their size from :data:`PORT_MIN`, so they are
-    contiguous, disjoint and a halving keeps each block's lower half in place
-    (flows there are untouched). A block never contains an excluded port
-    (an LB rule's frontend port on this address).
+    Chunks below :data:`PORT_MIN` and chunks holding an excluded port (an LB
+    rule's frontend port on this address) are never handed out.
     """
 
     size: int
     excluded: frozenset[int] = frozenset()
-    starts: dict[int, int] = field(default_factory=dict)
-    _free: deque[int] | None = None
+    used: bytearray = field(default_factory=lambda: bytearray(CHUNKS))
 
-    def _usable(self, start: int) -> bool:
-        end = start + self.size
-        return not any(start <= p < end for p in self.excluded)
+    def __post_init__(self) -> None:
+        self.used[:FIRST_CHUNK] = b"\1" * FIRST_CHUNK
+        for p in self.excluded:
+            self.used[p >> CHUNK_SHIFT] = 1
 
-    def free_starts(self) -> deque[int]:
-        """Unowned block starts at the current size, lowest first (cached)."""
-        if self._free is None:
-            owned = set(self.starts.values())
-            self._free = deque(
-                s
-                for s in range(PORT_MIN, PORT_MAX + 2 - self.size, self.size)
-                if s not in owned and self._usable(s)
-            )
-        return self._free
+    def free_chunks(self) -> int:
+        return self.used.count(0)
 
-    def assign(self, backend: int) -> int:
-        """Start of a new block for ``backend``: the lowest free one, or -1 if none."""
-        free = self.free_starts()
-        if not free:
-            return -1
-        start = free.popleft()
-        self.starts[backend] = start
-        return start
+    def take(self, count: int, after: int = -1) -> list[int] | None:
+        """``count`` free chunks, now owned; None (and nothing taken) if too few are free.
 
-    def halve(self) -> None:
-        """Every block keeps its start and half its size; the upper halves go back."""
-        self.size //= 2
-        self._free = None
+        Prefers, in order: the chunks right after chunk ``after`` (a block
+        growing in place), the lowest contiguous run, the lowest free chunks.
+        """
+        if count <= 0:
+            return []
+        run = bytes(count)
+        if after >= 0 and self.used[after + 1 : after + 1 + count] == run:
+            first = after + 1
+        else:
+            first = self.used.find(run)
+        if first >= 0:
+            chunks = list(range(first, first + count))
+        else:
+            chunks = []
+            i = self.used.find(0)
+            while i >= 0 and len(chunks) < count:
+                chunks.append(i)
+                i = self.used.find(0, i + 1)
+            if len(chunks) < count:
+                return None
+        for c in chunks:
+            self.used[c] = 1
+        return chunks
+
+    def give(self, chunks: Iterable[int]) -> None:
+        """Chunks a block no longer owns go back."""
+        ex = {p >> CHUNK_SHIFT for p in self.excluded}
+        for c in chunks:
+            if c not in ex:
+                self.used[c] = 0
+
+    def set_excluded(self, excluded: frozenset[int]) -> set[int]:
+        """Change the excluded ports; returns the chunks that became excluded
+        (the caller moves any block off them first)."""
+        old = {p >> CHUNK_SHIFT for p in self.excluded}
+        new = {p >> CHUNK_SHIFT for p in excluded}
+        self.excluded = excluded
+        for c in old - new:
+            self.used[c] = 0
+        for c in new - old:
+            self.used[c] = 1
+        return new - old

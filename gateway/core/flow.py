@@ -40,6 +40,17 @@ STATE_TIMEOUT = {
 END_IDLE = "idle"
 END_CLOSED = "closed"
 END_RECLAIMED = "reclaimed"
+END_REMOVED = "removed"
+
+#: How the operator's view names each state (``snatgw flows``, metrics).
+STATE_NAMES = {
+    ACTIVE: "active",
+    TCP_SYN_SENT: "syn_sent",
+    TCP_ESTABLISHED: "established",
+    TCP_FIN_WAIT: "fin_wait",
+    TCP_CLOSED: "closed",
+    TCP_RESET: "reset",
+}
 
 
 def timeout_for(state: int, timeouts: Timeouts) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.core.block import BlockLayout
-from gateway.core.tier import ports_per_backend
+from gateway.core.tier import TIERS, ports_per_backend
 
 if TYPE_CHECKING:
     from gateway.core.pool import Backend
@@ -39,11 +39,19 @@ class PublicAddress:
     def block_size(self) -> int:
         return self.layout.size if self.layout is not None else 0
 
+    @property
+    def tier(self) -> int:
+        """1 for the first row of the tier table (1-50 backends, 1024 ports), 0 without blocks."""
+        for i, (_limit, size) in enumerate(TIERS, 1):
+            if size == self.block_size:
+                return i
+        return 0
+
     def size_for(self, backends: int) -> int:
         """Block size the model prescribes for ``backends`` sharing this address."""
         return ports_per_backend(backends)
 
 
-def new_pat_address(ip: int, kind: str, name: str, excluded: frozenset[int]) -> PublicAddress:
-    """A PAT address (frontend or default SNAT) with an empty first-tier layout."""
-    return PublicAddress(ip, kind, name, BlockLayout(ports_per_backend(1), excluded))
+def new_pat_address(ip: int, kind: str, name: str, excluded: frozenset[int], backends: int) -> PublicAddress:
+    """A PAT address (frontend or default SNAT) with an empty layout in the tier for ``backends``."""
+    return PublicAddress(ip, kind, name, BlockLayout(ports_per_backend(backends), excluded))

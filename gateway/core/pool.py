@@ -14,14 +14,13 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.core.block import PortBlock
+from gateway.core.block import CHUNK, BlockLayout, PortBlock
 from gateway.core.errors import ModelError
 from gateway.core.frontend import (
     KIND_DEFAULT_SNAT,
     KIND_FRONTEND,
     KIND_INSTANCE_IP,
     PublicAddress,
-    new_pat_address,
 )
 from gateway.core.model import GatewayModel
 from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS, ports_per_backend
@@ -44,6 +43,10 @@ class Backend:
     block: PortBlock | None
     pool: str = ""
     flows: set[Flow] = field(default_factory=set)
+    #: Flows created, and new flows that failed for want of a port (the
+    #: "attempted" and "failed" SNAT connection counts are created + exhausted
+    #: and exhausted).
+    created: int = 0
     exhausted: int = 0
     last_exhausted: float = float("-inf")
     last_event: float = float("-inf")
@@ -65,18 +68,42 @@ def pool_frontends(model: GatewayModel) -> dict[str, str]:
     return chosen
 
 
-@dataclass(slots=True)
-class Resolution:
-    """The outcome of the scenario policy for a configuration."""
+@dataclass(frozen=True, slots=True)
+class AddressPlan:
+    """A public address the configuration asks for."""
 
-    addresses: dict[int, PublicAddress]
-    backends: dict[int, Backend]
-    defaults: list[PublicAddress]
+    ip: int
+    kind: str
+    name: str = ""
+    excluded: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a configured backend's flows leave: its scenario, public address and pool."""
+
+    scenario: int
+    public_ip: int
+    pool: str = ""
+
+
+@dataclass(slots=True)
+class Plan:
+    """The outcome of the scenario policy for a configuration (no blocks yet:
+    the table lays those out, keeping what it already has on a reload)."""
+
+    addresses: dict[int, AddressPlan]
+    placements: dict[int, Placement]
+    defaults: list[int]
     pool_frontend: dict[str, str]
 
+    def members(self, public_ip: int) -> list[int]:
+        """Configured backends on ``public_ip``, lowest address first."""
+        return sorted(b for b, p in self.placements.items() if p.public_ip == public_ip)
 
-def resolve(model: GatewayModel) -> Resolution:
-    """Place every configured backend in its scenario and lay out the blocks.
+
+def plan(model: GatewayModel) -> Plan:
+    """Place every configured backend in its scenario.
 
     Raises :class:`ModelError` when an address would have more than 1000
     backends or its blocks do not fit in the port range.
@@ -85,57 +112,37 @@ def resolve(model: GatewayModel) -> Resolution:
     by_name = {f.name: f for f in model.frontends}
     for rule in model.lb_rules:
         excluded.setdefault(by_name[rule.frontend].ip, set()).add(rule.frontend_port)
-    addresses: dict[int, PublicAddress] = {}
+    addresses: dict[int, AddressPlan] = {}
     for f in model.frontends:
-        addresses[f.ip] = new_pat_address(f.ip, KIND_FRONTEND, f.name, frozenset(excluded.get(f.ip, ())))
-    defaults = []
+        addresses[f.ip] = AddressPlan(f.ip, KIND_FRONTEND, f.name, frozenset(excluded.get(f.ip, ())))
     for ip in model.default_snat:
-        addr = new_pat_address(ip, KIND_DEFAULT_SNAT, "", frozenset())
-        addresses[ip] = addr
-        defaults.append(addr)
-    backends: dict[int, Backend] = {}
+        addresses[ip] = AddressPlan(ip, KIND_DEFAULT_SNAT)
+    placements: dict[int, Placement] = {}
     for inst in model.instance_ips:
-        addr = PublicAddress(inst.public, KIND_INSTANCE_IP)
-        addresses[inst.public] = addr
-        be = Backend(inst.private, SCENARIO_INSTANCE_IP, addr, None)
-        addr.members[inst.private] = be
-        backends[inst.private] = be
+        addresses[inst.public] = AddressPlan(inst.public, KIND_INSTANCE_IP)
+        placements[inst.private] = Placement(SCENARIO_INSTANCE_IP, inst.public)
 
     chosen = pool_frontends(model)
-    best: dict[int, tuple[int, str, str]] = {}
     for pool in model.pools:
         fe = chosen.get(pool.name)
         if fe is None:
             continue
         fip = by_name[fe].ip
         for m in pool.members:
-            if m in backends:
-                continue
-            cur = best.get(m)
-            if cur is None or fip < cur[0]:
-                best[m] = (fip, fe, pool.name)
-    members: dict[str, list[tuple[int, str]]] = {}
-    for m, (_fip, fe, pool_name) in best.items():
-        members.setdefault(fe, []).append((m, pool_name))
-    for fe_name, mlist in members.items():
-        addr = addresses[by_name[fe_name].ip]
-        key = f"frontends[{fe_name}]"
-        if len(mlist) > MAX_BACKENDS_PER_ADDRESS:
+            cur = placements.get(m)
+            if cur is None or (cur.scenario == SCENARIO_LB and fip < cur.public_ip):
+                placements[m] = Placement(SCENARIO_LB, fip, pool.name)
+    plan_ = Plan(addresses, placements, list(model.default_snat), chosen)
+    for fe in model.frontends:
+        n = len(plan_.members(fe.ip))
+        key = f"frontends[{fe.name}]"
+        if n > MAX_BACKENDS_PER_ADDRESS:
             raise ModelError(
-                key,
-                f"{len(mlist)} backends share {ip_str(addr.ip)}, "
-                f"at most {MAX_BACKENDS_PER_ADDRESS} are allowed",
+                key, f"{n} backends share {ip_str(fe.ip)}, at most {MAX_BACKENDS_PER_ADDRESS} are allowed"
             )
-        assert addr.layout is not None
-        addr.layout.size = ports_per_backend(len(mlist))
-        for ip, pool_name in sorted(mlist):
-            start = addr.layout.assign(ip)
-            if start < 0:
-                raise ModelError(key, f"the blocks of {len(mlist)} backends do not fit in 1024-65535")
-            be = Backend(ip, SCENARIO_LB, addr, PortBlock(addr.ip, start, addr.layout.size), pool_name)
-            addr.members[ip] = be
-            backends[ip] = be
-    return Resolution(addresses, backends, defaults, chosen)
+        if n and BlockLayout(1024, addresses[fe.ip].excluded).free_chunks() * CHUNK < n * ports_per_backend(n):
+            raise ModelError(key, f"the blocks of {n} backends do not fit in 1024-65535")
+    return plan_
 
 
 def pick_default(defaults: list[PublicAddress]) -> PublicAddress | None:

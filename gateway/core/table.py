@@ -18,12 +18,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.block import PORT_BYTES, PortBlock
+from gateway.core.block import CHUNK_SHIFT, PORT_BYTES, PortBlock
 from gateway.core.checksum import apply, checksum, delta
 from gateway.core.flow import (
     END_CLOSED,
     END_IDLE,
     END_RECLAIMED,
+    END_REMOVED,
     TCP_ACK,
     TCP_CLOSED,
     TCP_ESTABLISHED,
@@ -34,15 +35,17 @@ from gateway.core.flow import (
     tcp_next_state,
     timeout_for,
 )
-from gateway.core.frontend import PublicAddress
+from gateway.core.frontend import KIND_FRONTEND, KIND_INSTANCE_IP, PublicAddress, new_pat_address
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.pool import (
     SCENARIO_DEFAULT,
+    SCENARIO_INSTANCE_IP,
     Backend,
     ip_str,
     pick_default,
-    resolve,
+    plan,
 )
+from gateway.core.tier import ports_per_backend
 from gateway.core.wheel import TimerWheel
 
 # Verdicts, as the adapters act on them.
@@ -63,6 +66,7 @@ COUNTER_NAMES = (
     "flows_ended_idle",
     "flows_ended_closed",
     "flows_ended_reclaimed",
+    "flows_ended_removed",
     "drop_malformed",
     "drop_fragment",
     "drop_unsupported",
@@ -80,6 +84,7 @@ COUNTER_NAMES = (
     C_ENDED_IDLE,
     C_ENDED_CLOSED,
     C_ENDED_RECLAIMED,
+    C_ENDED_REMOVED,
     D_MALFORMED,
     D_FRAGMENT,
     D_UNSUPPORTED,
@@ -89,7 +94,14 @@ COUNTER_NAMES = (
     D_INTERNAL,
 ) = range(len(COUNTER_NAMES))
 
-_END_COUNTER = {END_IDLE: C_ENDED_IDLE, END_CLOSED: C_ENDED_CLOSED, END_RECLAIMED: C_ENDED_RECLAIMED}
+_END_COUNTER = {
+    END_IDLE: C_ENDED_IDLE,
+    END_CLOSED: C_ENDED_CLOSED,
+    END_RECLAIMED: C_ENDED_RECLAIMED,
+    END_REMOVED: C_ENDED_REMOVED,
+}
+#: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
+HIGH_WATER_HYSTERESIS = 0.1
 
 _ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
 _ICMP_ECHO_REQUEST = 8
@@ -141,13 +153,12 @@ class TranslationTable:
     """All flows of one gateway and the policy that creates them."""
 
     def __init__(self, model: GatewayModel, now: float) -> None:
-        res = resolve(model)
         self.model = model
         self.timeouts = model.timeouts
-        self.addresses: dict[int, PublicAddress] = res.addresses
-        self.backends: dict[int, Backend] = res.backends
-        self.defaults = res.defaults
-        self.pool_frontend = res.pool_frontend
+        self.addresses: dict[int, PublicAddress] = {}
+        self.backends: dict[int, Backend] = {}
+        self.defaults: list[PublicAddress] = []
+        self.pool_frontend: dict[str, str] = {}
         self.wheel = TimerWheel(now)
         self.counters = [0] * len(COUNTER_NAMES)
         self.events: list[Event] = []
@@ -157,6 +168,7 @@ class TranslationTable:
         self._udp_in = self.inbound[PROTO_UDP]
         self._tcp_out = self.outbound[PROTO_TCP]
         self._udp_out = self.outbound[PROTO_UDP]
+        self.reconfigure(model, now)
 
     # ------------------------------------------------------------------ in2out
 
@@ -421,6 +433,10 @@ class TranslationTable:
                 self._exhausted(be, proto, remote_b, rport_b, now)
                 return None
             pport_b = PORT_BYTES[port]
+            inv = block.inventories[proto]
+            if inv.high_armed and inv.in_use >= self.model.high_water * inv.size:
+                self._high_water(be, proto, inv.in_use, inv.size)
+                inv.high_armed = False
         out_key = prefix + pport_b
         d_ip = delta(backend_b, public_b)
         if proto == PROTO_ICMP:
@@ -465,6 +481,7 @@ class TranslationTable:
         self.inbound[f.proto][f.in_key] = f
         self.outbound[f.proto][f.out_key] = f
         be.flows.add(f)
+        be.created += 1
         self.wheel.schedule(f, f.last_seen + f.timeout)
         self.counters[C_FLOWS_CREATED] += 1
 
@@ -476,8 +493,12 @@ class TranslationTable:
         del self.inbound[f.proto][f.in_key]
         del self.outbound[f.proto][f.out_key]
         self.wheel.cancel(f)
-        if f.block is not None:
-            f.block.release(f.proto, f.pport, f.dest)
+        block = f.block
+        if block is not None:
+            block.release(f.proto, f.pport, f.dest)
+            inv = block.inventories[f.proto]
+            if not inv.high_armed and inv.in_use < (self.model.high_water - HIGH_WATER_HYSTERESIS) * inv.size:
+                inv.high_armed = True
         be = self.backends.get(f.backend)
         if be is not None:
             be.flows.discard(f)
@@ -517,6 +538,21 @@ class TranslationTable:
         be.last_event = now
         be.suppressed = 0
 
+    def _high_water(self, be: Backend, proto: int, in_use: int, size: int) -> None:
+        self.events.append(
+            Event(
+                "snat_ports_high_water",
+                {
+                    "backend": ip_str(be.ip),
+                    "public_ip": ip_str(be.address.ip),
+                    "protocol": PROTO_NAMES.get(proto, str(proto)),
+                    "ports_in_use": in_use,
+                    "block_size": size,
+                    "threshold": self.model.high_water,
+                },
+            )
+        )
+
     # ------------------------------------------------------------------ scenario 3
 
     def _add_standalone(self, src: int, now: float) -> Backend | None:
@@ -529,46 +565,212 @@ class TranslationTable:
         addr = pick_default(self.defaults)
         if addr is None or addr.layout is None:
             return None
-        wanted = addr.size_for(len(addr.members) + 1)
-        while addr.layout.size > wanted:
-            self._halve(addr, now)
-        start = addr.layout.assign(src)
-        if start < 0:
+        self._resize(addr, addr.size_for(len(addr.members) + 1), len(addr.members) + 1)
+        chunks = addr.layout.take(addr.layout.size >> CHUNK_SHIFT)
+        if chunks is None:
             return None
-        be = Backend(src, SCENARIO_DEFAULT, addr, PortBlock(addr.ip, start, addr.layout.size))
+        be = Backend(src, SCENARIO_DEFAULT, addr, PortBlock(addr.ip, chunks))
         addr.members[src] = be
         self.backends[src] = be
         return be
 
-    def _halve(self, addr: PublicAddress, now: float) -> None:
-        """Halve every block on ``addr``; flows on the reclaimed upper halves end."""
-        assert addr.layout is not None
-        old = addr.layout.size
-        new = old // 2
-        ended = 0
-        for be in addr.members.values():
+    # ------------------------------------------------------------------ configuration
+
+    def reconfigure(self, model: GatewayModel, now: float) -> dict[str, int]:
+        """Apply a (new) configuration, keeping every flow it does not affect.
+
+        Raises :class:`~gateway.core.errors.ModelError` before changing
+        anything when the model is not valid. Otherwise, in this order
+        (OUTBOUND_MODEL.md, "Resizing"): public addresses that go end all
+        their flows; backends that leave or change scenario or address end
+        theirs; each PAT address moves to the tier of its new member count
+        (a higher tier halves every block there and ends the flows on the
+        reclaimed ports, a lower one grows the blocks and ends nothing); new
+        backends get blocks. Returns counts for the ``config_reloaded`` event.
+        """
+        p = plan(model)
+        before = self._ended_total()
+        summary = dict.fromkeys(
+            ("addresses_added", "addresses_removed", "backends_added", "backends_removed", "tier_changes"), 0
+        )
+        for ip, addr in list(self.addresses.items()):
+            ap = p.addresses.get(ip)
+            if ap is None or ap.kind != addr.kind:
+                self._remove_address(addr)
+                summary["addresses_removed"] += 1
+            else:
+                addr.name = ap.name
+        gone: dict[int, list[int]] = {}
+        for bip, be in list(self.backends.items()):
+            pl = p.placements.get(bip)
+            if be.scenario == SCENARIO_DEFAULT:
+                stale = pl is not None
+            else:
+                stale = pl is None or pl.scenario != be.scenario or pl.public_ip != be.address.ip
+            if stale:
+                tally = gone.setdefault(be.address.ip, [0, 0, 0])
+                tally[0] += 1
+                tally[2] += be.block.size if be.block is not None else 0
+                tally[1] += self._remove_backend(be)
+                summary["backends_removed"] += 1
+            elif pl is not None:
+                be.pool = pl.pool
+        for ip, (backends, flows, ports) in gone.items():
+            self._reclaimed(self.addresses[ip], "backend_removed", flows, ports, backends)
+        for ip, ap in p.addresses.items():
+            if ip not in self.addresses:
+                if ap.kind == KIND_INSTANCE_IP:
+                    self.addresses[ip] = PublicAddress(ip, ap.kind)
+                else:
+                    n = len(p.members(ip))
+                    self.addresses[ip] = new_pat_address(ip, ap.kind, ap.name, ap.excluded, n)
+                summary["addresses_added"] += 1
+        for ip, addr in self.addresses.items():
+            if addr.layout is None:
+                continue
+            ap = p.addresses[ip]
+            if ap.excluded != addr.layout.excluded:
+                self._exclude(addr, ap.excluded)
+            count = len(p.members(ip)) if addr.kind == KIND_FRONTEND else len(addr.members)
+            if self._resize(addr, ports_per_backend(count), count):
+                summary["tier_changes"] += 1
+        for bip in sorted(p.placements):
+            if bip in self.backends:
+                continue
+            pl = p.placements[bip]
+            addr = self.addresses[pl.public_ip]
+            block = None
+            if pl.scenario != SCENARIO_INSTANCE_IP and addr.layout is not None:
+                chunks = addr.layout.take(addr.layout.size >> CHUNK_SHIFT) or []
+                block = PortBlock(addr.ip, chunks)
+            be = Backend(bip, pl.scenario, addr, block, pl.pool)
+            addr.members[bip] = be
+            self.backends[bip] = be
+            summary["backends_added"] += 1
+        self.defaults = [self.addresses[ip] for ip in p.defaults]
+        self.pool_frontend = p.pool_frontend
+        if model.timeouts != self.timeouts:
+            for d in self.inbound.values():
+                for f in d.values():
+                    f.timeout = timeout_for(f.state, model.timeouts)
+                    self.wheel.schedule(f, f.last_seen + f.timeout)
+        self.model = model
+        self.timeouts = model.timeouts
+        summary["flows_ended"] = self._ended_total() - before
+        return summary
+
+    def _ended_total(self) -> int:
+        return sum(self.counters[c] for c in _END_COUNTER.values())
+
+    def _remove_backend(self, be: Backend) -> int:
+        """End every flow of ``be`` and give its block back; returns how many flows ended."""
+        ended = len(be.flows)
+        for f in list(be.flows):
+            self.end_flow(f, END_REMOVED)
+        addr = be.address
+        if be.block is not None and addr.layout is not None:
+            addr.layout.give(be.block.chunks)
+        addr.members.pop(be.ip, None)
+        self.backends.pop(be.ip, None)
+        return ended
+
+    def _remove_address(self, addr: PublicAddress) -> None:
+        flows = ports = 0
+        backends = list(addr.members.values())
+        for be in backends:
+            ports += be.block.size if be.block is not None else 0
+            flows += self._remove_backend(be)
+        del self.addresses[addr.ip]
+        self._reclaimed(addr, "address_removed", flows, ports, len(backends))
+
+    def _reclaimed(self, addr: PublicAddress, reason: str, flows: int, ports: int, backends: int) -> None:
+        self.events.append(
+            Event(
+                "ports_reclaimed",
+                {
+                    "public_ip": ip_str(addr.ip),
+                    "name": addr.name,
+                    "reason": reason,
+                    "backends": backends,
+                    "ports": ports,
+                    "flows_ended": flows,
+                },
+            )
+        )
+
+    def _end_on_chunks(self, be: Backend, chunks: set[int]) -> int:
+        """End ``be``'s flows on ports of ``chunks`` (reclaimed); returns how many."""
+        block = be.block
+        doomed = [f for f in be.flows if f.block is block and f.pport >> CHUNK_SHIFT in chunks]
+        for f in doomed:
+            self.end_flow(f, END_RECLAIMED)
+        return len(doomed)
+
+    def _resize(self, addr: PublicAddress, size: int, backends: int) -> bool:
+        """Move ``addr`` to the tier whose block size is ``size``; False if it is there.
+
+        Smaller blocks keep their first chunks and the flows there; larger
+        ones append chunks, next to the block when they are free.
+        """
+        layout = addr.layout
+        assert layout is not None
+        old = layout.size
+        if size == old:
+            return False
+        layout.size = size
+        want = size >> CHUNK_SHIFT
+        flows = ports = 0
+        members = sorted(addr.members.values(), key=lambda b: b.ip)
+        for be in members:
             block = be.block
             if block is None:
                 continue
-            cut = block.start + new
-            for f in [f for f in be.flows if f.pport >= cut and f.block is block]:
-                self.end_flow(f, END_RECLAIMED)
-                ended += 1
-            block.shrink(new)
-        addr.layout.halve()
+            if len(block.chunks) > want:
+                leaving = block.chunks[want:]
+                flows += self._end_on_chunks(be, set(leaving))
+                block.retile(block.chunks[:want])
+                layout.give(leaving)
+                ports += len(leaving) << CHUNK_SHIFT
+            elif len(block.chunks) < want:
+                extra = layout.take(want - len(block.chunks), block.chunks[-1] if block.chunks else -1)
+                if extra is not None:
+                    block.retile(block.chunks + extra)
         self.events.append(
             Event(
                 "pool_tier_changed",
                 {
                     "public_ip": ip_str(addr.ip),
-                    "backends": len(addr.members) + 1,
+                    "name": addr.name,
+                    "kind": addr.kind,
+                    "backends": backends,
                     "old_block_size": old,
-                    "new_block_size": new,
+                    "new_block_size": size,
+                    "tier": addr.tier,
                 },
             )
         )
-        if ended:
-            self.events.append(Event("ports_reclaimed", {"public_ip": ip_str(addr.ip), "flows_ended": ended}))
+        if size < old:
+            self._reclaimed(addr, "tier_change", flows, ports, len(members))
+        return True
+
+    def _exclude(self, addr: PublicAddress, excluded: frozenset[int]) -> None:
+        """New excluded ports (an LB rule's frontend port) take their chunk out of
+        any block holding it; the block gets a free chunk in its place."""
+        layout = addr.layout
+        assert layout is not None
+        newly = layout.set_excluded(excluded)
+        flows = ports = 0
+        for be in addr.members.values():
+            block = be.block
+            if block is None or not newly & set(block.chunks):
+                continue
+            hit = newly & set(block.chunks)
+            flows += self._end_on_chunks(be, hit)
+            ports += len(hit) << CHUNK_SHIFT
+            kept = [c for c in block.chunks if c not in hit]
+            block.retile(kept + (layout.take(len(hit)) or []))
+        if ports:
+            self._reclaimed(addr, "port_excluded", flows, ports, 0)
 
     # ------------------------------------------------------------------ timers
 

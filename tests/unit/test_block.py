@@ -18,7 +18,7 @@ class Harness:
     """Plays the translation table's out2in map for one public address."""
 
     def __init__(self, start: int = 2048, size: int = 32) -> None:
-        self.block = PortBlock(0xC6336410, start, size)
+        self.block = PortBlock.contiguous(0xC6336410, start, size)
         self.taken: dict[bytes, int] = {}
 
     def open(self, dest: bytes) -> int:
@@ -68,37 +68,66 @@ def test_one_destination_gets_as_many_flows_as_ports() -> None:
 
 def test_other_destinations_share_ports_once_all_are_in_use() -> None:
     """When every port is in use, flows to other destinations still get one."""
-    h = Harness(size=4)
-    for _ in range(4):
+    h = Harness(size=32)
+    for _ in range(32):
         h.open(_dest(0))
-    assert h.block.inventory(UDP).in_use == 4
-    assert 2048 <= h.open(_dest(1)) < 2052
-    assert h.block.inventory(UDP).in_use == 4
+    assert h.block.inventory(UDP).in_use == 32
+    assert 2048 <= h.open(_dest(1)) < 2080
+    assert h.block.inventory(UDP).in_use == 32
 
 
 def test_freed_ports_go_to_the_back_of_the_line() -> None:
     """A port released now is handed out only after every other free port."""
-    h = Harness(size=8)
+    h = Harness(size=32)
     first = h.open(_dest(0))
     h.close(_dest(0), first)
-    seen = [h.open(_dest(0)) for _ in range(8)]
+    seen = [h.open(_dest(0)) for _ in range(32)]
     assert seen[-1] == first
     assert first not in seen[:-1]
 
 
-def test_shrink_keeps_lower_half() -> None:
-    """Halving a block keeps its start and its lower ports."""
-    h = Harness(size=8)
-    h.block.shrink(4)
-    ports = [h.open(_dest(0)) for _ in range(5)]
-    assert sorted(ports[:4]) == [2048, 2049, 2050, 2051]
-    assert ports[4] == -1
+def test_retile_to_fewer_chunks_keeps_the_first_ports_and_their_use() -> None:
+    """Halving a block keeps its first chunks, the flows there and their counts."""
+    h = Harness(size=64)
+    held = [h.open(_dest(0)) for _ in range(10)]
+    h.block.retile(h.block.chunks[:1])
+    assert h.block.size == 32 and h.block.inventory(UDP).in_use == 10
+    more = [h.open(_dest(0)) for _ in range(23)]
+    assert sorted(held + more[:22]) == list(range(2048, 2080))
+    assert more[22] == -1
 
 
-def test_layout_is_contiguous_aligned_and_skips_excluded_ports() -> None:
-    """Blocks are laid out from 1024 upward, disjoint, and never contain an excluded port."""
+def test_retile_to_more_chunks_adds_free_ports_after_the_old_ones() -> None:
+    """A grown block hands out its new ports after the ones it already had free,
+    and a port in use before stays in use."""
+    h = Harness(size=32)
+    busy = h.open(_dest(0))
+    h.block.retile(h.block.chunks + [200])
+    assert h.block.ranges() == [(2048, 2079), (6400, 6431)]
+    got = [h.open(_dest(0)) for _ in range(63)]
+    assert busy not in got and got[-32:] == list(range(6400, 6432))
+    assert h.open(_dest(0)) == -1
+    h.close(_dest(0), 6410)
+    assert h.open(_dest(0)) == 6410
+
+
+def test_layout_hands_out_runs_extends_in_place_and_skips_excluded_ports() -> None:
+    """Blocks are laid out from 1024 upward as contiguous runs that never hold an
+    excluded port; a growing block extends in place when it can, else anywhere."""
     layout = BlockLayout(1024, frozenset({2500}))
-    starts = [layout.assign(i) for i in range(3)]
-    assert starts == [1024, 3072, 4096]
-    layout.halve()
-    assert layout.assign(99) == 1536
+    a = layout.take(32)
+    assert a is not None and a[0] << 5 == 1024
+    b = layout.take(32)
+    assert b is not None and b[0] << 5 == 2528  # the first run past chunk 2496-2527
+    layout.give(a[16:])
+    assert layout.take(16, after=a[15]) == a[16:]
+    used = layout.free_chunks()
+    assert layout.take(used + 1) is None and layout.free_chunks() == used
+    assert 2500 >> 5 not in (layout.take(used) or [])
+
+
+def test_ranges_merge_adjacent_chunks() -> None:
+    """A block is shown as merged port ranges, lowest first."""
+    block = PortBlock(1, [40, 33, 32, 34])
+    assert block.ranges() == [(1024, 1055 + 64), (1280, 1311)]
+    assert 1100 in block and 1200 not in block
