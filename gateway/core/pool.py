@@ -133,14 +133,15 @@ def plan(model: GatewayModel) -> Plan:
             if cur is None or (cur.scenario == SCENARIO_LB and fip < cur.public_ip):
                 placements[m] = Placement(SCENARIO_LB, fip, pool.name)
     plan_ = Plan(addresses, placements, list(model.default_snat), chosen)
-    for fe in model.frontends:
-        n = len(plan_.members(fe.ip))
-        key = f"frontends[{fe.name}]"
+    for front in model.frontends:
+        n = len(plan_.members(front.ip))
+        key = f"frontends[{front.name}]"
         if n > MAX_BACKENDS_PER_ADDRESS:
             raise ModelError(
-                key, f"{n} backends share {ip_str(fe.ip)}, at most {MAX_BACKENDS_PER_ADDRESS} are allowed"
+                key, f"{n} backends share {ip_str(front.ip)}, at most {MAX_BACKENDS_PER_ADDRESS} are allowed"
             )
-        if n and BlockLayout(1024, addresses[fe.ip].excluded).free_chunks() * CHUNK < n * ports_per_backend(n):
+        room = BlockLayout(1024, addresses[front.ip].excluded).free_chunks() * CHUNK
+        if n and room < n * ports_per_backend(n):
             raise ModelError(key, f"the blocks of {n} backends do not fit in 1024-65535")
     return plan_
 
