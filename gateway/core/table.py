@@ -162,6 +162,7 @@ class TranslationTable:
         self.wheel = TimerWheel(now)
         self.counters = [0] * len(COUNTER_NAMES)
         self.events: list[Event] = []
+        self.tier_changes = 0
         self.inbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self.outbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self._tcp_in = self.inbound[PROTO_TCP]
@@ -718,6 +719,7 @@ class TranslationTable:
         if size == old:
             return False
         layout.size = size
+        self.tier_changes += 1
         want = size >> CHUNK_SHIFT
         flows = ports = 0
         members = sorted(addr.members.values(), key=lambda b: b.ip)

@@ -1,0 +1,168 @@
+"""The operator's view of a table: flows, ports per backend, counters and
+status as plain data (lists, dicts, numbers, strings).
+
+These are snapshots: the adapter calls them between two packets, in the
+loop's own thread, so nothing here needs a lock; it formats them (tables,
+JSON, Prometheus) elsewhere. ``now`` is the table's clock (monotonic) and
+``wall`` the wall-clock time at that instant, so times can be shown as
+dates.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from gateway.core.flow import STATE_NAMES
+from gateway.core.model import PROTO_NAMES
+from gateway.core.pool import Backend, ip_str
+from gateway.core.table import TranslationTable
+
+SCENARIO_NAMES = {1: "instance_ip", 2: "lb", 3: "default"}
+
+
+def flows(
+    table: TranslationTable, now: float, backend: int | None = None, proto: int | None = None
+) -> list[dict[str, Any]]:
+    """Every live flow (optionally of one backend or protocol), oldest first."""
+    out = []
+    for p, d in table.inbound.items():
+        if proto is not None and p != proto:
+            continue
+        for f in d.values():
+            if backend is not None and f.backend != backend:
+                continue
+            out.append(
+                {
+                    "protocol": PROTO_NAMES[p],
+                    "backend": ip_str(f.backend),
+                    "backend_port": f.bport,
+                    "public_ip": ip_str(f.public),
+                    "public_port": f.pport,
+                    "remote": ip_str(f.remote),
+                    "remote_port": f.rport,
+                    "scenario": SCENARIO_NAMES[f.scenario],
+                    "state": STATE_NAMES[f.state],
+                    "age": round(now - f.created, 3),
+                    "idle": round(now - f.last_seen, 3),
+                    "packets_out": f.pkts_out,
+                    "bytes_out": f.bytes_out,
+                    "packets_in": f.pkts_in,
+                    "bytes_in": f.bytes_in,
+                }
+            )
+    out.sort(key=lambda r: -r["age"])
+    return out
+
+
+def _destination(dest: bytes) -> str:
+    return f"{ip_str(int.from_bytes(dest[:4], 'big'))}:{int.from_bytes(dest[4:], 'big')}"
+
+
+def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[str, Any]:
+    """One backend's port use (OUTBOUND_MODEL.md, "What the operator is told to do").
+
+    ``in_use`` counts ports carrying at least one flow, per protocol (TCP,
+    UDP and ICMP identifiers are separate spaces); ``top_destinations`` are
+    the destinations holding the most ports, the usual culprit when a block
+    runs out. An instance IP has no block: its backend keeps its own ports.
+    """
+    block = be.block
+    in_use: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    cands: list[tuple[int, str, str]] = []
+    if block is not None:
+        for p, inv in block.inventories.items():
+            in_use[PROTO_NAMES[p]] = inv.in_use
+            peak[PROTO_NAMES[p]] = inv.peak
+            for dest, n in heapq.nlargest(top, inv.dest.items(), key=lambda kv: kv[1]):
+                cands.append((n, PROTO_NAMES[p], _destination(dest)))
+    else:
+        per: dict[int, set[int]] = {}
+        for f in be.flows:
+            per.setdefault(f.proto, set()).add(f.pport)
+        for p, ports in per.items():
+            in_use[PROTO_NAMES[p]] = len(ports)
+    last = be.last_exhausted
+    return {
+        "backend": ip_str(be.ip),
+        "scenario": SCENARIO_NAMES[be.scenario],
+        "pool": be.pool,
+        "public_ip": ip_str(be.address.ip),
+        "block": [list(r) for r in block.ranges()] if block is not None else [],
+        "allocated": block.size if block is not None else None,
+        "in_use": in_use,
+        "peak": peak,
+        "flows": len(be.flows),
+        "top_destinations": [
+            {"protocol": p, "destination": d, "ports": n} for n, p, d in sorted(cands, reverse=True)[:top]
+        ],
+        "attempted": be.created + be.exhausted,
+        "exhausted": be.exhausted,
+        "last_exhausted": wall - (now - last) if be.exhausted else None,
+    }
+
+
+def ports(
+    table: TranslationTable, now: float, wall: float, backend: int | None = None, top: int = 3
+) -> list[dict[str, Any]]:
+    """:func:`backend_ports` for every backend (or one), by address."""
+    bes = [table.backends[backend]] if backend in table.backends else []
+    if backend is None:
+        bes = sorted(table.backends.values(), key=lambda b: b.ip)
+    return [backend_ports(be, now, wall, top) for be in bes]
+
+
+def stats(table: TranslationTable) -> dict[str, Any]:
+    """Counters by name, live flows by protocol and state, and the SNAT connection counts."""
+    c = table.counters_dict()
+    by: dict[str, dict[str, int]] = {}
+    for p, d in table.inbound.items():
+        states: dict[str, int] = {}
+        for f in d.values():
+            name = STATE_NAMES[f.state]
+            states[name] = states.get(name, 0) + 1
+        by[PROTO_NAMES[p]] = states
+    failed = c["drop_exhausted"] + c["drop_no_public_address"]
+    return {
+        "counters": c,
+        "flows": by,
+        "flows_total": table.flow_count(),
+        "snat_connections": {"attempted": c["flows_created"] + failed, "failed": failed},
+        "flows_ended": {k[len("flows_ended_") :]: v for k, v in c.items() if k.startswith("flows_ended_")},
+        "drops": {k[len("drop_") :]: v for k, v in c.items() if k.startswith("drop_")},
+        "tier_changes": table.tier_changes,
+    }
+
+
+def status(table: TranslationTable) -> dict[str, Any]:
+    """Public addresses (kind, backends, block size, tier) and pools with their frontend."""
+    addresses = []
+    for addr in table.addresses.values():
+        addresses.append(
+            {
+                "public_ip": ip_str(addr.ip),
+                "kind": addr.kind,
+                "name": addr.name,
+                "backends": len(addr.members),
+                "block_size": addr.block_size or None,
+                "tier": addr.tier or None,
+            }
+        )
+    by_name = {a.name: a for a in table.addresses.values() if a.name}
+    pools = []
+    for pool in table.model.pools:
+        fe = table.pool_frontend.get(pool.name, "")
+        addr = by_name.get(fe)
+        pools.append(
+            {
+                "pool": pool.name,
+                "frontend": fe,
+                "public_ip": ip_str(addr.ip) if addr is not None else None,
+                "members": len(pool.members),
+                "backends_on_address": len(addr.members) if addr is not None else 0,
+                "block_size": addr.block_size if addr is not None else None,
+                "tier": addr.tier if addr is not None else None,
+            }
+        )
+    return {"addresses": addresses, "pools": pools, "flows": table.flow_count()}
