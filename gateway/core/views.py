@@ -25,7 +25,7 @@ def flows(
     table: TranslationTable, now: float, backend: int | None = None, proto: int | None = None
 ) -> list[dict[str, Any]]:
     """Every live flow (optionally of one backend or protocol), oldest first."""
-    out = []
+    out: list[tuple[float, dict[str, Any]]] = []
     for p, d in table.inbound.items():
         if proto is not None and p != proto:
             continue
@@ -33,26 +33,29 @@ def flows(
             if backend is not None and f.backend != backend:
                 continue
             out.append(
-                {
-                    "protocol": PROTO_NAMES[p],
-                    "backend": ip_str(f.backend),
-                    "backend_port": f.bport,
-                    "public_ip": ip_str(f.public),
-                    "public_port": f.pport,
-                    "remote": ip_str(f.remote),
-                    "remote_port": f.rport,
-                    "scenario": SCENARIO_NAMES[f.scenario],
-                    "state": STATE_NAMES[f.state],
-                    "age": round(now - f.created, 3),
-                    "idle": round(now - f.last_seen, 3),
-                    "packets_out": f.pkts_out,
-                    "bytes_out": f.bytes_out,
-                    "packets_in": f.pkts_in,
-                    "bytes_in": f.bytes_in,
-                }
+                (
+                    f.created,
+                    {
+                        "protocol": PROTO_NAMES[p],
+                        "backend": ip_str(f.backend),
+                        "backend_port": f.bport,
+                        "public_ip": ip_str(f.public),
+                        "public_port": f.pport,
+                        "remote": ip_str(f.remote),
+                        "remote_port": f.rport,
+                        "scenario": SCENARIO_NAMES[f.scenario],
+                        "state": STATE_NAMES[f.state],
+                        "age": round(now - f.created, 3),
+                        "idle": round(now - f.last_seen, 3),
+                        "packets_out": f.pkts_out,
+                        "bytes_out": f.bytes_out,
+                        "packets_in": f.pkts_in,
+                        "bytes_in": f.bytes_in,
+                    },
+                )
             )
-    out.sort(key=lambda r: -r["age"])
-    return out
+    out.sort(key=lambda r: r[0])
+    return [r for _, r in out]
 
 
 def _destination(dest: bytes) -> str:
@@ -153,16 +156,16 @@ def status(table: TranslationTable) -> dict[str, Any]:
     pools = []
     for pool in table.model.pools:
         fe = table.pool_frontend.get(pool.name, "")
-        addr = by_name.get(fe)
+        front = by_name.get(fe)
         pools.append(
             {
                 "pool": pool.name,
                 "frontend": fe,
-                "public_ip": ip_str(addr.ip) if addr is not None else None,
+                "public_ip": ip_str(front.ip) if front is not None else None,
                 "members": len(pool.members),
-                "backends_on_address": len(addr.members) if addr is not None else 0,
-                "block_size": addr.block_size if addr is not None else None,
-                "tier": addr.tier if addr is not None else None,
+                "backends_on_address": len(front.members) if front is not None else 0,
+                "block_size": front.block_size if front is not None else None,
+                "tier": front.tier if front is not None else None,
             }
         )
     return {"addresses": addresses, "pools": pools, "flows": table.flow_count()}
