@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from gateway.config import ConfigError, load
+from gateway.config import DEFAULT_CONTROL_SOCKET, ConfigError, GatewayConfig, load, parse_endpoint
 
 EXIT_CONFIG = 2
 EXIT_SYSTEM = 1
@@ -19,21 +22,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"snatgw: invalid config {e}", file=sys.stderr)
         return EXIT_CONFIG
     from gateway.adapters import system
+    from gateway.adapters.control import group_id
     from gateway.adapters.logs import configure
     from gateway.adapters.run import run
 
-    for key, name in (("gateway.inside", cfg.inside), ("gateway.outside", cfg.outside)):
+    problem = _system_problem(cfg, system.interface_index, group_id)
+    if problem:
+        print(f"snatgw: invalid config {cfg.path}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    metrics = None
+    if args.metrics:
         try:
-            system.interface_index(name)
-        except LookupError as e:
-            print(f"snatgw: invalid config {cfg.path}: {key}: {e}", file=sys.stderr)
+            metrics = parse_endpoint(args.metrics)
+        except ValueError as e:
+            print(f"snatgw: --metrics: {e}", file=sys.stderr)
             return EXIT_CONFIG
     log = configure()
     try:
-        return run(cfg, log)
+        return run(cfg, log, metrics, args.control_socket)
     except (OSError, RuntimeError) as e:
         log.error("gateway_failed", error=str(e))
         return EXIT_SYSTEM
+
+
+def _system_problem(
+    cfg: GatewayConfig, interface: Callable[[str], int], group: Callable[[str], int]
+) -> str | None:
+    """What in ``cfg`` this host cannot provide ("KEY: PROBLEM"), checked before touching it."""
+    for key, name in (("gateway.inside", cfg.inside), ("gateway.outside", cfg.outside)):
+        try:
+            interface(name)
+        except LookupError as e:
+            return f"{key}: {e}"
+    if cfg.control_group is not None:
+        try:
+            group(cfg.control_group)
+        except LookupError as e:
+            return f"gateway.control_group: {e}"
+    return None
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    path: str = args.socket or os.environ.get("SNATGW_SOCKET") or DEFAULT_CONTROL_SOCKET
+    return path
+
+
+def _operator_command(name: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
+    """``snatgw NAME``: ask the running gateway, print a table or (``--json``) its answer."""
+
+    def command(args: argparse.Namespace) -> int:
+        from gateway.adapters.control import RequestError, request
+
+        params = {k: getattr(args, k) for k in ("backend", "proto") if getattr(args, k, None) is not None}
+        path = _socket_path(args)
+        try:
+            result = request(path, name, **params)
+        except RequestError as e:
+            print(f"snatgw {name}: {e}", file=sys.stderr)
+            return EXIT_SYSTEM
+        except (OSError, ValueError) as e:
+            print(f"snatgw {name}: cannot reach the gateway at {path}: {e}", file=sys.stderr)
+            return EXIT_SYSTEM
+        print(json.dumps(result, indent=2) if args.json else render(result))
+        if name == "reload" and not result.get("applied"):
+            return EXIT_CONFIG
+        return 0
+
+    return command
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -51,10 +106,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the gateway in this network namespace")
     r.add_argument("--config", "-c", required=True, help="TOML configuration file")
+    r.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (default: off)")
+    r.add_argument(
+        "--control-socket", metavar="PATH", help="control socket (default: gateway.control_socket)"
+    )
     r.set_defaults(func=_cmd_run)
     c = sub.add_parser("check", help="validate a configuration file and exit")
     c.add_argument("--config", "-c", required=True)
     c.set_defaults(func=_cmd_check)
+    from gateway import show
+
+    views: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+        ("flows", "live translations, like conntrack -L", show.flows),
+        ("ports", "SNAT ports per backend: block, in use, peak, top destinations, exhaustion", show.ports),
+        ("stats", "packet, drop and flow counters", show.stats),
+        ("status", "config, uptime, queue, public addresses and pools with their tier", show.status),
+        ("reload", "re-read the config file (as SIGHUP does) and say what changed", show.reload),
+    )
+    for name, text, render in views:
+        v = sub.add_parser(name, help=text)
+        v.add_argument(
+            "--socket",
+            metavar="PATH",
+            help=f"control socket (default: $SNATGW_SOCKET or {DEFAULT_CONTROL_SOCKET})",
+        )
+        v.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
+        if name in ("flows", "ports"):
+            v.add_argument("--backend", metavar="IP", help="only this backend")
+        if name == "flows":
+            v.add_argument("--proto", choices=("tcp", "udp", "icmp"), help="only this protocol")
+        v.set_defaults(func=_operator_command(name, render))
     try:
         from gateway.lab.cli import add_lab_parser
     except ImportError:

@@ -36,6 +36,29 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+DEFAULT_CONTROL_SOCKET = "/run/snatgw/snatgw.sock"
+#: Keys a reload cannot change: they need a restart.
+RESTART_KEYS = (
+    "inside",
+    "outside",
+    "queue",
+    "queue_maxlen",
+    "queue_client",
+    "control_socket",
+    "control_group",
+    "metrics",
+)
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole configuration: where the gateway sits, and the model."""
@@ -49,6 +72,16 @@ class GatewayConfig:
     #: "netlink": our client, UDP/ICMP on ``queue`` and TCP with GSO on ``queue + 1``;
     #: "netfilterqueue": the library, everything on ``queue``.
     queue_client: str = "netlink"
+    #: The control socket ``snatgw flows|ports|stats|status|reload`` talk to.
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    #: Group allowed to use the control socket (mode 0660); None: root only (0600).
+    control_group: str | None = None
+    #: ``(host, port)`` of the Prometheus endpoint; None: off.
+    metrics: tuple[str, int] | None = None
+
+    def restart_keys(self, other: GatewayConfig) -> list[str]:
+        """Keys whose change a reload cannot apply (they need a restart)."""
+        return [f"gateway.{n}" for n in RESTART_KEYS if getattr(self, n) != getattr(other, n)]
 
 
 _SECTIONS = {"gateway", "frontends", "pools", "lb_rules", "instance_ips", "default_snat"}
@@ -155,6 +188,21 @@ def parse(text: str, path: str) -> GatewayConfig:
         tcp_rst_linger=r.seconds(gw.get("tcp_rst_linger", 2), "gateway.tcp_rst_linger"),
     )
     interval = r.seconds(gw.get("exhaustion_event_interval", 10), "gateway.exhaustion_event_interval")
+    high = gw.get("high_water", 0.8)
+    if isinstance(high, bool) or not isinstance(high, int | float) or not 0 < high <= 1:
+        raise r.fail("gateway.high_water", "must be a share of the block above 0 and at most 1 (0.8 is 80%)")
+    control = gw.get("control_socket", DEFAULT_CONTROL_SOCKET)
+    if not isinstance(control, str) or not control.startswith("/") or len(control.encode()) > 107:
+        raise r.fail("gateway.control_socket", "must be an absolute path of at most 107 bytes")
+    group = gw.get("control_group")
+    if group is not None:
+        group = r.string(group, "gateway.control_group")
+    metrics = None
+    if "metrics" in gw:
+        try:
+            metrics = parse_endpoint(r.string(gw["metrics"], "gateway.metrics"))
+        except ValueError as e:
+            raise r.fail("gateway.metrics", str(e)) from None
 
     publics: dict[int, str] = {}
 
@@ -248,12 +296,13 @@ def parse(text: str, path: str) -> GatewayConfig:
         default_snat=tuple(defaults),
         timeouts=timeouts,
         exhaustion_event_interval=interval,
+        high_water=float(high),
     )
     try:
         plan(model)
     except ModelError as e:
         raise r.fail(e.key, e.problem) from None
-    return GatewayConfig(path, inside, outside, queue, model, maxlen, client)
+    return GatewayConfig(path, inside, outside, queue, model, maxlen, client, control, group, metrics)
 
 
 def load(path: str | Path) -> GatewayConfig:

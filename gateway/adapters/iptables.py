@@ -40,13 +40,21 @@ JUMPS: tuple[tuple[str, str, str], ...] = (
 
 
 def ruleset(
-    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+    inside: str,
+    outside: str,
+    queue: int,
+    publics: Iterable[int],
+    tcp_queue: int | None = None,
+    jumps: bool = True,
 ) -> str:
     """The ``iptables-restore --noflush`` input for one gateway.
 
     With ``tcp_queue`` TCP goes to that queue (the GSO one) and everything
-    else to ``queue``.
+    else to ``queue``. Without ``jumps`` it only refills our chains: declaring
+    a chain in ``iptables-restore`` empties it, and each table is committed
+    at once, so a reload swaps the rules with no moment without them.
     """
+    jump = (lambda line: [line]) if jumps else (lambda line: [])
     pubs = [str(ipaddress.IPv4Address(p)) for p in publics]
     m_in = f"0x{MARK_INSIDE:x}/0x{MARK_INSIDE:x}"
     m_tr = f"0x{MARK_TRANSLATED:x}/0x{MARK_TRANSLATED:x}"
@@ -55,7 +63,7 @@ def ruleset(
     fwd_inside = f"-i {inside} -m addrtype ! --dst-type LOCAL"
     lines = ["*raw", ":SNATGW-PRE - [0:0]", f"-A SNATGW-PRE {fwd_inside} -j CT --notrack"]
     lines += [f"-A SNATGW-PRE -i {outside} -d {p}/32 -j CT --notrack" for p in pubs]
-    lines += ["-I PREROUTING 1 -j SNATGW-PRE", "COMMIT"]
+    lines += [*jump("-I PREROUTING 1 -j SNATGW-PRE"), "COMMIT"]
     lines += ["*mangle", ":SNATGW-PRE - [0:0]", ":SNATGW-POST - [0:0]"]
     lines += [f"-A SNATGW-PRE {fwd_inside} -j MARK --set-xmark {m_in}"]
     for p in pubs:
@@ -65,10 +73,10 @@ def ruleset(
     if tcp_queue is not None:
         lines += [f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {qt}"]
     lines += [f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {q}"]
-    lines += ["-I PREROUTING 1 -j SNATGW-PRE", "-I POSTROUTING 1 -j SNATGW-POST", "COMMIT"]
+    lines += [*jump("-I PREROUTING 1 -j SNATGW-PRE"), *jump("-I POSTROUTING 1 -j SNATGW-POST"), "COMMIT"]
     lines += ["*filter", ":SNATGW-FWD - [0:0]"]
     lines += [f"-A SNATGW-FWD -i {outside} -o {inside} -m mark ! --mark {m_tr} -j DROP"]
-    lines += ["-I FORWARD 1 -j SNATGW-FWD", "COMMIT", ""]
+    lines += [*jump("-I FORWARD 1 -j SNATGW-FWD"), "COMMIT", ""]
     return "\n".join(lines)
 
 
@@ -82,6 +90,16 @@ def install(
     """Remove any stale rules, then install ours atomically; raise RuntimeError on failure."""
     remove()
     text = ruleset(inside, outside, queue, publics, tcp_queue)
+    res = _run(["iptables-restore", "--noflush", "-w"], text)
+    if res.returncode != 0:
+        raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")
+
+
+def replace(
+    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+) -> None:
+    """Swap the rules of our installed chains for a new set (a reload); raise RuntimeError on failure."""
+    text = ruleset(inside, outside, queue, publics, tcp_queue, jumps=False)
     res = _run(["iptables-restore", "--noflush", "-w"], text)
     if res.returncode != 0:
         raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")

@@ -17,6 +17,11 @@ Either direction arrives on the same queue; the netfilter hook tells them
 apart (POSTROUTING: in2out, PREROUTING: out2in). The loop sleeps in
 ``select`` until a packet arrives or the core's next timer is due
 (``get_timer`` / ``handle_timer``, as in aioquic), then drains the sockets.
+
+Other threads (the control socket, the metrics endpoint) never touch the
+table: they hand a function to :meth:`PacketLoop.call`, which the loop runs
+between two batches and whose result (a snapshot of plain data) it hands
+back. No lock is held across packets, and a snapshot is consistent.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import contextlib
 import selectors
 import signal
 import socket
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
+from queue import SimpleQueue
 from typing import Any
 
 from netfilterqueue import NetfilterQueue
@@ -41,6 +49,21 @@ HOOK_POSTROUTING = 4
 MAX_SLEEP = 0.5
 #: Packets handled per NetlinkQueue.receive call before the loop looks at timers.
 BATCH = 256
+#: Upper bounds (seconds) of the loop latency histogram: the time one pass
+#: takes to handle the packets that woke it.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class _Call:
+    """A function another thread wants run in the loop, and its outcome."""
+
+    __slots__ = ("fn", "done", "value", "error")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 class PacketLoop:
@@ -55,11 +78,21 @@ class PacketLoop:
         max_len: int = 4096,
         rcvbuf: int = 16 << 20,
         on_events: Callable[[], None] = lambda: None,
+        on_hup: Callable[[], None] = lambda: None,
     ) -> None:
         self.table = table
         self.now = time.monotonic()
         self.on_events = on_events
+        self.on_hup = on_hup
         self.stopping = False
+        self.hup = False
+        self._calls: SimpleQueue[_Call] = SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        #: Counts per :data:`LATENCY_BUCKETS` bucket (the last one: above them all) and their sum.
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
         self.nfq: NetfilterQueue | None = None
         self.sock: socket.socket | None = None
         self.queues: list[NetlinkQueue] = []
@@ -117,11 +150,39 @@ class PacketLoop:
     def stop(self, *_: Any) -> None:
         self.stopping = True
 
+    def request_reload(self, *_: Any) -> None:
+        """SIGHUP handler: the loop calls ``on_hup`` at its next pass."""
+        self.hup = True
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` in the loop between two batches and return its result.
+
+        For other threads. Raises TimeoutError if the loop does not get to it
+        in ``timeout`` seconds, and whatever ``fn`` raised.
+        """
+        c = _Call(fn)
+        self._calls.put(c)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+        if not c.done.wait(timeout):
+            raise TimeoutError("the packet loop did not answer")
+        if c.error is not None:
+            raise c.error
+        return c.value
+
+    def _run_calls(self) -> None:
+        calls = self._calls
+        while not calls.empty():
+            c = calls.get_nowait()
+            try:
+                c.value = c.fn()
+            except Exception as e:  # handed back to the caller's thread
+                c.error = e
+            c.done.set()
+
     def run(self) -> None:
         """Serve packets until :meth:`stop` (or SIGINT/SIGTERM) is called."""
-        rfd, wfd = socket.socketpair()
-        rfd.setblocking(False)
-        wfd.setblocking(False)
+        rfd, wfd = self._wake_r, self._wake_w
         old_wakeup = signal.set_wakeup_fd(wfd.fileno())
         sel = selectors.DefaultSelector()
         sel.register(rfd, selectors.EVENT_READ)
@@ -133,28 +194,40 @@ class PacketLoop:
         queues = self.queues
         handler = self._nl_packet
         table = self.table
+        latency = self.latency
         try:
             while not self.stopping:
                 now = time.monotonic()
                 due = table.get_timer()
                 timeout = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - now))
+                busy = False
                 for key, _ in sel.select(timeout):
                     if key.fileobj is rfd:
                         with contextlib.suppress(BlockingIOError):
                             rfd.recv(4096)
-                self.now = time.monotonic()
+                    else:
+                        busy = True
+                self.now = start = time.monotonic()
                 if nfq is not None:
                     nfq.run(block=False)
                 for q in queues:  # at most BATCH each, so a flood on one starves neither
                     q.receive(handler, BATCH)  # the other queue nor the timers
+                if busy:
+                    took = time.monotonic() - start
+                    latency[bisect_left(LATENCY_BUCKETS, took)] += 1
+                    self.latency_sum += took
                 table.handle_timer(time.monotonic())
+                if self.hup:
+                    self.hup = False
+                    self.on_hup()
+                if not self._calls.empty():
+                    self._run_calls()
                 if table.events:
                     self.on_events()
         finally:
             signal.set_wakeup_fd(old_wakeup)
             sel.close()
-            rfd.close()
-            wfd.close()
+            self._run_calls()
 
     def close(self) -> None:
         """Unbind every queue; idempotent."""
@@ -165,3 +238,5 @@ class PacketLoop:
                 self.nfq.unbind()
         if self.sock is not None and self.sock.fileno() >= 0:
             self.sock.detach()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,75 +1,265 @@
-"""``snatgw run``: set the host up, serve packets, put everything back."""
+"""``snatgw run``: set the host up, serve packets, answer the operator, put
+everything back.
+
+:class:`Gateway` ties the adapters around one translation table: the packet
+loop, iptables and addresses, the control socket, the metrics endpoint and
+reload (SIGHUP or ``snatgw reload``). Everything that touches the table runs
+in the loop's thread: requests from other threads go through
+:meth:`PacketLoop.call`.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gateway.adapters import iptables, system
+from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.loop import PacketLoop
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, load
+from gateway.core import views
+from gateway.core.errors import ModelError
+from gateway.core.model import PROTO_NAMES
 from gateway.core.pool import ip_str
 from gateway.core.table import TranslationTable
 
 #: Where state that must survive a crash is kept (one file per network namespace).
 STATE_DIR = Path("/run/snatgw")
 
+#: Log level of each event the table emits (README, "Events").
+EVENT_LEVELS = {
+    "snat_port_exhausted": "warning",
+    "snat_ports_high_water": "warning",
+    "pool_tier_changed": "warning",
+    "ports_reclaimed": "warning",
+}
+_PROTOS = {name: num for num, name in PROTO_NAMES.items()}
 
-def _describe(cfg: GatewayConfig, table: TranslationTable) -> dict[str, Any]:
-    frontends = {a.name: a for a in table.addresses.values() if a.name}
-    pools = {}
-    for pool in cfg.model.pools:
-        fe = table.pool_frontend.get(pool.name, "")
-        addr = frontends.get(fe)
-        pools[pool.name] = {
-            "frontend": fe,
-            "members": len(pool.members),
-            "block_size": addr.block_size if addr is not None else 0,
+
+def _ip_arg(request: dict[str, Any], key: str) -> int | None:
+    value = request.get(key)
+    if value is None:
+        return None
+    try:
+        return int(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise RequestError(f"{key}: {value!r} is not an IPv4 address") from None
+
+
+class Gateway:
+    """One running gateway in this network namespace."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        log: Any,
+        metrics: tuple[str, int] | None = None,
+        control_socket: str | None = None,
+    ) -> None:
+        #: ``--control-socket`` over the file's value; a reload keeps it.
+        self.control_override = control_socket
+        cfg = self._overridden(cfg)
+        self.cfg = cfg
+        self.log = log
+        self.metrics = metrics if metrics is not None else cfg.metrics
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.reloads = {"applied": 0, "rejected": 0}
+        self.table = TranslationTable(cfg.model, self.started)
+        self.publics = list(cfg.model.public_addresses())
+        self.tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
+        self.loop = PacketLoop(
+            self.table,
+            cfg.queue,
+            client=cfg.queue_client,
+            max_len=cfg.queue_maxlen,
+            on_events=self.flush_events,
+            on_hup=self._on_hup,
+        )
+
+    def _on_hup(self) -> None:
+        self.reload("sighup")
+
+    def _overridden(self, cfg: GatewayConfig) -> GatewayConfig:
+        if self.control_override is None:
+            return cfg
+        return replace(cfg, control_socket=self.control_override)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Serve until SIGINT or SIGTERM; always removes what it added."""
+        cfg = self.cfg
+        signal.signal(signal.SIGTERM, self.loop.stop)
+        signal.signal(signal.SIGINT, self.loop.stop)
+        signal.signal(signal.SIGHUP, self.loop.request_reload)
+        try:
+            control = ControlServer(cfg.control_socket, self.handle_request, cfg.control_group)
+        except (OSError, RuntimeError):
+            self.loop.close()
+            raise
+        stop_metrics = None
+        try:
+            system.add_addresses(cfg.outside, self.publics)
+            iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue)
+            system.enable_forwarding(STATE_DIR)
+            if self.metrics is not None:
+                from gateway.adapters.metrics import serve
+
+                stop_metrics = serve(*self.metrics, self.metrics_snapshot)
+            control.start()
+            self.log.info("gateway_ready", **self.describe())
+            self.loop.run()
+        finally:
+            system.restore_forwarding(STATE_DIR)
+            iptables.remove()
+            system.remove_addresses(cfg.outside, self.publics)
+            control.close()
+            if stop_metrics is not None:
+                stop_metrics()
+            self.loop.close()
+            self.flush_events()
+        self.log.info("gateway_stopped", counters=self.table.counters_dict(), flows=self.table.flow_count())
+        return 0
+
+    def flush_events(self) -> None:
+        for ev in self.table.events:
+            getattr(self.log, EVENT_LEVELS.get(ev.name, "info"))(ev.name, **ev.fields)
+        self.table.events.clear()
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.cfg
+        status = views.status(self.table)
+        return {
+            "config": cfg.path,
+            "queue": cfg.queue,
+            "tcp_queue": self.tcp_queue,
+            "queue_client": cfg.queue_client,
+            "inside": cfg.inside,
+            "outside": cfg.outside,
+            "public_ips": [ip_str(a) for a in self.publics],
+            "pools": {p["pool"]: {k: v for k, v in p.items() if k != "pool"} for p in status["pools"]},
+            "idle_timeout": cfg.model.timeouts.idle,
+            "control_socket": cfg.control_socket,
+            "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else None,
         }
-    return {
-        "config": cfg.path,
-        "queue": cfg.queue,
-        "tcp_queue": cfg.queue + 1 if cfg.queue_client == "netlink" else None,
-        "queue_client": cfg.queue_client,
-        "inside": cfg.inside,
-        "outside": cfg.outside,
-        "public_ips": [ip_str(a) for a in cfg.model.public_addresses()],
-        "pools": pools,
-        "idle_timeout": cfg.model.timeouts.idle,
-    }
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Re-read the config file and apply it, or reject it and keep the old one.
+
+        Runs in the loop's thread (SIGHUP sets a flag the loop acts on;
+        ``snatgw reload`` arrives through :meth:`PacketLoop.call`). New
+        addresses and rules are in place before the table uses them; the
+        rules are swapped atomically (no moment without them); addresses
+        that go are removed after their flows have ended.
+        """
+        cfg = self.cfg
+        try:
+            new = self._overridden(load(cfg.path))
+        except ConfigError as e:
+            return self._reject(source, e.key, e.problem)
+        restart = cfg.restart_keys(new)
+        if restart:
+            return self._reject(source, restart[0], "changing it needs a restart (the old value stays)")
+        for key, name in (("gateway.inside", new.inside), ("gateway.outside", new.outside)):
+            try:
+                system.interface_index(name)
+            except LookupError as e:
+                return self._reject(source, key, str(e))
+        publics = list(new.model.public_addresses())
+        added = [p for p in publics if p not in self.publics]
+        gone = [p for p in self.publics if p not in publics]
+        try:
+            system.add_addresses(cfg.outside, added)
+            iptables.replace(cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue)
+            summary = self.table.reconfigure(new.model, time.monotonic())
+        except (OSError, RuntimeError, ModelError) as e:
+            system.remove_addresses(cfg.outside, added)
+            iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue)
+            return self._reject(source, "(system)", str(e))
+        system.remove_addresses(cfg.outside, gone)
+        self.cfg = new
+        self.publics = publics
+        self.reloads["applied"] += 1
+        self.flush_events()
+        fields = {"config": new.path, "source": source, **summary}
+        fields["public_ips_added"] = [ip_str(p) for p in added]
+        fields["public_ips_removed"] = [ip_str(p) for p in gone]
+        self.log.info("config_reloaded", **fields)
+        return {"applied": True, **fields}
+
+    def _reject(self, source: str, key: str, problem: str) -> dict[str, Any]:
+        self.reloads["rejected"] += 1
+        fields = {"config": self.cfg.path, "source": source, "key": key, "problem": problem}
+        self.log.error("config_rejected", **fields)
+        return {"applied": False, **fields}
+
+    # ------------------------------------------------------------------ operator's view
+
+    def handle_request(self, request: dict[str, Any]) -> Any:
+        """Answer one control-socket request (in the control thread; the data
+        comes from the loop's thread)."""
+        cmd = request["command"]
+        if cmd == "flows":
+            backend = _ip_arg(request, "backend")
+            proto_name = request.get("proto")
+            proto = _PROTOS.get(proto_name) if proto_name is not None else None
+            if proto_name is not None and proto is None:
+                raise RequestError(f"proto: {proto_name!r} is not one of tcp, udp, icmp")
+            return self.loop.call(lambda: views.flows(self.table, time.monotonic(), backend, proto))
+        if cmd == "ports":
+            backend = _ip_arg(request, "backend")
+            top = request.get("top", 3)
+            if not isinstance(top, int) or not 0 <= top <= 100:
+                raise RequestError("top: must be an integer from 0 to 100")
+            return self.loop.call(
+                lambda: views.ports(self.table, time.monotonic(), time.time(), backend, top)
+            )
+        if cmd == "stats":
+            return self.loop.call(lambda: views.stats(self.table))
+        if cmd == "status":
+            return self.loop.call(self._status)
+        if cmd == "reload":
+            return self.loop.call(lambda: self.reload("control"))
+        raise RequestError(f"unknown command {cmd!r}")
+
+    def _status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            **self.describe(),
+            **views.status(self.table),
+            "uptime": round(now - self.started, 3),
+            "started": self.started_wall,
+            "reloads": dict(self.reloads),
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Everything one scrape needs, taken in the loop's thread."""
+
+        def take() -> dict[str, Any]:
+            return {
+                "stats": views.stats(self.table),
+                "ports": views.ports(self.table, time.monotonic(), time.time(), top=0),
+                "status": views.status(self.table),
+                "latency": (list(self.loop.latency), self.loop.latency_sum),
+                "reloads": dict(self.reloads),
+                "started": self.started_wall,
+            }
+
+        result: dict[str, Any] = self.loop.call(take)
+        return result
 
 
-def run(cfg: GatewayConfig, log: Any) -> int:
+def run(
+    cfg: GatewayConfig, log: Any, metrics: tuple[str, int] | None = None, control_socket: str | None = None
+) -> int:
     """Run the gateway in this network namespace until SIGINT or SIGTERM."""
     for name in (cfg.inside, cfg.outside):
         system.interface_index(name)
-    table = TranslationTable(cfg.model, time.monotonic())
-    publics = list(cfg.model.public_addresses())
-
-    def flush_events() -> None:
-        for ev in table.events:
-            log.warning(ev.name, **ev.fields)
-        table.events.clear()
-
-    tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
-    loop = PacketLoop(
-        table, cfg.queue, client=cfg.queue_client, max_len=cfg.queue_maxlen, on_events=flush_events
-    )
-    signal.signal(signal.SIGTERM, loop.stop)
-    signal.signal(signal.SIGINT, loop.stop)
-    try:
-        system.add_addresses(cfg.outside, publics)
-        iptables.install(cfg.inside, cfg.outside, cfg.queue, publics, tcp_queue)
-        system.enable_forwarding(STATE_DIR)
-        log.info("gateway_ready", **_describe(cfg, table))
-        loop.run()
-    finally:
-        system.restore_forwarding(STATE_DIR)
-        iptables.remove()
-        system.remove_addresses(cfg.outside, publics)
-        loop.close()
-        flush_events()
-    log.info("gateway_stopped", counters=table.counters_dict(), flows=table.flow_count())
-    return 0
+    return Gateway(cfg, log, metrics, control_socket).run()

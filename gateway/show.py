@@ -1,0 +1,191 @@
+"""Readable tables for ``snatgw flows|ports|stats|status|reload`` (the
+``--json`` forms print the control socket's answer as it is).
+
+Column layouts follow ``ss -tn`` and ``conntrack -L``: one line per flow or
+backend, addresses as ``ip:port``, numbers unabbreviated so they can be
+compared and grepped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _secs(v: float) -> str:
+    return f"{v:.1f}s" if v < 600 else f"{v / 60:.0f}m"
+
+
+def flows(rows: list[dict[str, Any]]) -> str:
+    out = [
+        (
+            r["protocol"],
+            f"{r['backend']}:{r['backend_port']}",
+            f"{r['public_ip']}:{r['public_port']}",
+            f"{r['remote']}:{r['remote_port']}",
+            r["scenario"],
+            r["state"],
+            _secs(r["age"]),
+            _secs(r["idle"]),
+            r["packets_out"],
+            r["bytes_out"],
+            r["packets_in"],
+            r["bytes_in"],
+        )
+        for r in rows
+    ]
+    head = [
+        "PROTO",
+        "BACKEND",
+        "PUBLIC",
+        "REMOTE",
+        "SCENARIO",
+        "STATE",
+        "AGE",
+        "IDLE",
+        "PKTS-OUT",
+        "BYTES-OUT",
+        "PKTS-IN",
+        "BYTES-IN",
+    ]
+    return table(head, out) + f"\n{len(rows)} flows"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f" ({time.time() - ts:.0f}s ago)"
+
+
+def ports(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        block = ",".join(f"{lo}-{hi}" for lo, hi in r["block"]) or "own ports"
+        top = ", ".join(f"{d['destination']}/{d['protocol']}={d['ports']}" for d in r["top_destinations"])
+        peak = max(r["peak"].values(), default=0)
+        use = r["in_use"]
+        out.append(
+            (
+                r["backend"],
+                r["scenario"],
+                r["pool"] or "-",
+                r["public_ip"],
+                block,
+                r["allocated"] if r["allocated"] is not None else "all",
+                use.get("tcp", 0),
+                use.get("udp", 0),
+                use.get("icmp", 0),
+                peak,
+                r["flows"],
+                r["exhausted"],
+                _when(r["last_exhausted"]),
+                top or "-",
+            )
+        )
+    head = [
+        "BACKEND",
+        "SCENARIO",
+        "POOL",
+        "PUBLIC",
+        "BLOCK",
+        "ALLOC",
+        "TCP",
+        "UDP",
+        "ICMP",
+        "PEAK",
+        "FLOWS",
+        "EXHAUSTED",
+        "LAST-EXHAUSTED",
+        "TOP-DESTINATIONS",
+    ]
+
+    return table(head, out)
+
+
+def stats(s: dict[str, Any]) -> str:
+    c = s["counters"]
+    lines = ["packets"]
+    for k in ("in2out_translated", "out2in_translated", "icmp_error_in2out", "icmp_error_out2in"):
+        lines.append(f"  {k:<24} {c[k]}")
+    lines.append("drops")
+    lines += [f"  {k:<24} {v}" for k, v in s["drops"].items()]
+    conns = s["snat_connections"]
+    lines.append("snat connections")
+    lines.append(f"  {'attempted':<24} {conns['attempted']}")
+    lines.append(
+        f"  {'failed':<24} {conns['failed']}  (exhausted {c['drop_exhausted']}, "
+        f"no public address {c['drop_no_public_address']})"
+    )
+    lines.append(f"  {'created':<24} {c['flows_created']}")
+    lines.append("flows ended")
+    lines += [f"  {k:<24} {v}" for k, v in s["flows_ended"].items()]
+    lines.append(f"flows live: {s['flows_total']}")
+    rows = [(p, st, n) for p, states in s["flows"].items() for st, n in sorted(states.items())]
+    if rows:
+        lines.append(table(("  PROTO", "STATE", "FLOWS"), [(f"  {p}", st, n) for p, st, n in rows]))
+    lines.append(f"tier changes: {s['tier_changes']}")
+    return "\n".join(lines)
+
+
+def status(s: dict[str, Any]) -> str:
+    lines = [
+        f"config      {s['config']}",
+        f"uptime      {_secs(s['uptime'])}",
+        f"queue       {s['queue']}"
+        + (f" (tcp {s['tcp_queue']})" if s.get("tcp_queue") is not None else "")
+        + f", client {s['queue_client']}",
+        f"interfaces  inside {s['inside']}, outside {s['outside']}",
+        f"control     {s['control_socket']}",
+        f"metrics     {s['metrics'] or 'off'}",
+        f"reloads     applied {s['reloads']['applied']}, rejected {s['reloads']['rejected']}",
+        f"flows       {s['flows']}",
+        "",
+        table(
+            ("PUBLIC", "KIND", "NAME", "BACKENDS", "BLOCK-SIZE", "TIER"),
+            [
+                (a["public_ip"], a["kind"], a["name"] or "-", a["backends"], a["block_size"], a["tier"])
+                for a in s["addresses"]
+            ],
+        ),
+    ]
+    if s["pools"]:
+        lines += [
+            "",
+            table(
+                ("POOL", "FRONTEND", "PUBLIC", "MEMBERS", "BLOCK-SIZE", "TIER"),
+                [
+                    (
+                        p["pool"],
+                        p["frontend"] or "-",
+                        p["public_ip"],
+                        p["members"],
+                        p["block_size"],
+                        p["tier"],
+                    )
+                    for p in s["pools"]
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def reload(r: dict[str, Any]) -> str:
+    if not r["applied"]:
+        return f"rejected {r['config']}: {r['key']}: {r['problem']}"
+    return (
+        f"reloaded {r['config']}: backends +{r['backends_added']} -{r['backends_removed']}, "
+        f"public addresses +{r['addresses_added']} -{r['addresses_removed']}, "
+        f"tier changes {r['tier_changes']}, flows ended {r['flows_ended']}"
+    )
