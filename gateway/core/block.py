@@ -272,7 +272,8 @@ class BlockLayout:
         new = {p >> CHUNK_SHIFT for p in excluded}
         self.excluded = excluded
         for c in old - new:
-            self.used[c] = 0
+            if c >= FIRST_CHUNK:
+                self.used[c] = 0
         for c in new - old:
             self.used[c] = 1
         return new - old

@@ -71,7 +71,7 @@ class GatewayModel:
     timeouts: Timeouts = field(default_factory=Timeouts)
     #: Seconds between two ``snat_port_exhausted`` events for one backend.
     exhaustion_event_interval: float = 10.0
-    #: Share of a block in use (one protocol) above which ``snat_ports_high_water`` fires.
+    #: Share of a block in use (one protocol) at which ``snat_ports_high_water`` fires.
     high_water: float = 0.8
 
     def public_addresses(self) -> tuple[int, ...]:

@@ -597,7 +597,7 @@ class TranslationTable:
         for ip, addr in list(self.addresses.items()):
             ap = p.addresses.get(ip)
             if ap is None or ap.kind != addr.kind:
-                self._remove_address(addr)
+                summary["backends_removed"] += self._remove_address(addr)
                 summary["addresses_removed"] += 1
             else:
                 addr.name = ap.name
@@ -675,7 +675,8 @@ class TranslationTable:
         self.backends.pop(be.ip, None)
         return ended
 
-    def _remove_address(self, addr: PublicAddress) -> None:
+    def _remove_address(self, addr: PublicAddress) -> int:
+        """End every flow through ``addr`` and forget it; returns how many backends it had."""
         flows = ports = 0
         backends = list(addr.members.values())
         for be in backends:
@@ -683,6 +684,7 @@ class TranslationTable:
             flows += self._remove_backend(be)
         del self.addresses[addr.ip]
         self._reclaimed(addr, "address_removed", flows, ports, len(backends))
+        return len(backends)
 
     def _reclaimed(self, addr: PublicAddress, reason: str, flows: int, ports: int, backends: int) -> None:
         self.events.append(
@@ -761,18 +763,19 @@ class TranslationTable:
         layout = addr.layout
         assert layout is not None
         newly = layout.set_excluded(excluded)
-        flows = ports = 0
+        flows = ports = backends = 0
         for be in addr.members.values():
             block = be.block
-            if block is None or not newly & set(block.chunks):
+            hit = newly & set(block.chunks) if block is not None else set()
+            if block is None or not hit:
                 continue
-            hit = newly & set(block.chunks)
+            backends += 1
             flows += self._end_on_chunks(be, hit)
             ports += len(hit) << CHUNK_SHIFT
             kept = [c for c in block.chunks if c not in hit]
             block.retile(kept + (layout.take(len(hit)) or []))
         if ports:
-            self._reclaimed(addr, "port_excluded", flows, ports, 0)
+            self._reclaimed(addr, "port_excluded", flows, ports, backends)
 
     # ------------------------------------------------------------------ timers
 

@@ -39,6 +39,7 @@ STOP_TIMEOUT = 10.0
 
 _GATEWAY_KEYS = (
     "inside", "outside", "queue", "idle_timeout", "tcp_fin_linger", "tcp_rst_linger", "queue_client",
+    "high_water", "control_group", "exhaustion_event_interval", "metrics",
 )
 _SECTION_KEYS = ("frontends", "pools", "lb_rules", "instance_ips")
 
@@ -182,7 +183,37 @@ class GatewayProc:
     log_path: Path
     config_path: Path
     ns: str
+    #: The control socket this gateway was told to use (``--control-socket``).
+    socket: str = ""
     _files: list[IO[bytes]] = field(default_factory=list)
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+        """``snatgw ARGS --socket S`` run in the gateway's namespace, as an operator would."""
+        return ns_run(self.ns, [str(SNATGW), *args, "--socket", self.socket], timeout=timeout, check=False)
+
+    def ask(self, command: str, *args: str) -> Any:
+        """``snatgw COMMAND --json ARGS``, parsed; fails the test if the CLI fails."""
+        res = self.cli(command, "--json", *args)
+        assert res.returncode == 0, f"snatgw {command} failed: {res.stderr.decode(errors='replace')}"
+        return json.loads(res.stdout)
+
+    def reload(self, config_text: str, *, sighup: bool = False) -> subprocess.CompletedProcess[bytes] | None:
+        """Rewrite the config file, then ``snatgw reload`` (its result) or SIGHUP (None)."""
+        tmp = self.config_path.with_suffix(".new")
+        tmp.write_text(config_text)
+        tmp.replace(self.config_path)
+        if sighup:
+            os.kill(self.proc.pid, signal.SIGHUP)
+            return None
+        return self.cli("reload")
+
+    def metrics(self, port: int) -> dict[str, float]:
+        """The gateway's Prometheus endpoint on 127.0.0.1:PORT in its namespace, as
+        ``{'name{labels}': value}`` with labels sorted."""
+        res = ns_run(self.ns, ["curl", "-s", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"],
+                     timeout=20, check=False)
+        assert res.returncode == 0, f"metrics endpoint: curl exit {res.returncode}"
+        return parse_metrics(res.stdout.decode())
 
     @property
     def pid(self) -> int:
@@ -273,20 +304,23 @@ class GatewayFactory:
         path.write_text(text)
         return path
 
-    def start(self, config_text: str, *, wait_ready: bool = True) -> GatewayProc:
+    def start(
+        self, config_text: str, *, wait_ready: bool = True, args: Sequence[str] = ()
+    ) -> GatewayProc:
         cfg = self.write_config(config_text)
         log = self.workdir / f"gateway-{self._n}.log"
         err = log.open("wb")
         out = (self.workdir / f"gateway-{self._n}.stdout").open("wb")
+        sock = f"/run/snatgw/test-{self.lab.prefix}-{os.getpid()}-{self._n}.sock"
         proc = ns_popen(
             self.lab.gw,
-            [str(SNATGW), "run", "--config", str(cfg)],
+            [str(SNATGW), "run", "--config", str(cfg), "--control-socket", sock, *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             start_new_session=True,
         )
-        gw = GatewayProc(proc=proc, log_path=log, config_path=cfg, ns=self.lab.gw,
+        gw = GatewayProc(proc=proc, log_path=log, config_path=cfg, ns=self.lab.gw, socket=sock,
                          _files=[err, out])
         self.started.append(gw)
         if wait_ready:
@@ -609,6 +643,24 @@ def kernel_forwarding(lab: LabNames) -> Iterator[None]:
 
 def in_block(port: int, start: int, size: int) -> bool:
     return start <= port < start + size
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format as ``{'name{a="x",b="y"}': value}`` (labels sorted by name)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or line.startswith("#"):
+            continue
+        name, labels, value = m.groups()
+        pairs = sorted(_LABEL.findall(labels or ""))
+        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}" if pairs else "")
+        samples[key] = float(value)
+    return samples
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -175,7 +175,10 @@ def test_reload_with_the_same_model_changes_nothing() -> None:
     back = tcp(SERVER, src, 80, sport, "SA")
     assert t.out2in(back, 7.0) == ACCEPT_MODIFIED_MARK
     assert describe(back).dst == POOL[1]
-    assert t.out2in(echo(SERVER, FRONTEND, flows_of(t, POOL[2])[0].pport, reply=True), 7.0) == ACCEPT_MODIFIED_MARK
+    assert (
+        t.out2in(echo(SERVER, FRONTEND, flows_of(t, POOL[2])[0].pport, reply=True), 7.0)
+        == ACCEPT_MODIFIED_MARK
+    )
     c = t.counters_dict()
     assert c["flows_created"] == 5 and c["drop_no_flow"] == 0
     assert sum(v for k, v in c.items() if k.startswith("flows_ended_")) == 0
@@ -390,7 +393,9 @@ def test_removing_a_default_snat_address_ends_only_its_flows() -> None:
 
     summary = t.reconfigure(lab_model(defaults=(DEFAULTS[1],)), 1.0)
 
-    assert summary == {**ZERO_SUMMARY, "addresses_removed": 1, "flows_ended": 2}
+    # Not pinned: backends dropped along with their address are not counted in backends_removed
+    # today, and whether they should be is an open question.
+    assert summary | {"backends_removed": 0} == {**ZERO_SUMMARY, "addresses_removed": 1, "flows_ended": 2}
     assert ip(DEFAULTS[0]) not in t.addresses
     assert t.counters_dict()["flows_ended_removed"] == 2
     for f in doomed:
@@ -424,7 +429,9 @@ def test_removing_an_instance_ip_ends_its_flows_and_the_backend_falls_back() -> 
 
     summary = t.reconfigure(dataclasses.replace(lab_model(), instance_ips=()), 1.0)
 
-    assert summary == {**ZERO_SUMMARY, "addresses_removed": 1, "flows_ended": 2}
+    # Not pinned: backends dropped along with their address are not counted in backends_removed
+    # today, and whether they should be is an open question.
+    assert summary | {"backends_removed": 0} == {**ZERO_SUMMARY, "addresses_removed": 1, "flows_ended": 2}
     assert ip(INSTANCE_PUBLIC) not in t.addresses and ip(INSTANCE) not in t.backends
     assert udp_back(t, doomed) == DROP
     assert udp_back(t, survivor) == ACCEPT_MODIFIED_MARK
@@ -450,29 +457,54 @@ def _with_rule(model: GatewayModel, rule: LbRule) -> GatewayModel:
     return dataclasses.replace(model, lb_rules=(*model.lb_rules, rule))
 
 
-def test_new_lb_rule_port_inside_a_block_takes_its_chunk_out() -> None:
-    """An LB rule's frontend port inside a block ends the flows on that 32-port chunk
-    (port_excluded); the block keeps its size and never holds the port again."""
+def _exclusion_setup() -> tuple[TranslationTable, list[Flow], GatewayModel]:
+    """POOL[0] with 40 UDP flows on ports 1024-1063, then an LB rule on port 1030."""
     t = TranslationTable(lab_model(), 0.0)
     for i in range(40):
         out(t, udp(POOL[0], SERVER, 20000 + i, 5000))
     out(t, udp(POOL[1], SERVER, 20000, 5000))
     before = flows_of(t, POOL[0])
     assert [f.pport for f in before] == list(range(1024, 1064))
+    return t, before, _with_rule(lab_model(), LbRule("dns", "fe-web", "web", "udp", 1030, 53))
+
+
+def test_new_lb_rule_port_inside_a_block_takes_its_chunk_out() -> None:
+    """An LB rule's frontend port inside a block ends the flows on that 32-port chunk
+    (port_excluded); the block keeps its size and never holds the port again."""
+    t, before, model = _exclusion_setup()
     since = len(t.events)
-    model = _with_rule(lab_model(), LbRule("dns", "fe-web", "web", "udp", 1030, 53))
 
     summary = t.reconfigure(model, 1.0)
 
     assert summary == {**ZERO_SUMMARY, "flows_ended": 32}
     assert t.counters_dict()["flows_ended_reclaimed"] == 32
-    block = t.backends[ip(POOL[0])].block
-    assert block is not None and block.size == 1024 and 1030 not in block
+    block = block_of(t, POOL[0])
+    assert block.size == 1024 and 1030 not in block
     assert not any(p in block for p in range(1024, 1056))
     for f in before[:32]:
         assert udp_back(t, f) == DROP
     for f in before[32:]:
         assert udp_back(t, f) == ACCEPT_MODIFIED_MARK
+    [rec] = new_events(t, since, "ports_reclaimed")
+    assert (rec["public_ip"], rec["name"], rec["reason"]) == (FRONTEND, "fe-web", "port_excluded")
+    assert (rec["ports"], rec["flows_ended"]) == (32, 32)
+    assert new_events(t, since, "pool_tier_changed") == []
+    check_invariants(t)
+    for i in range(1100):
+        pkt = udp(POOL[0], SERVER2, 30000 + i, 53)
+        if t.in2out(pkt, 2.0) == ACCEPT_MODIFIED:
+            assert describe(pkt).sport != 1030
+    for n in (60, 3, 801, 3):
+        t.reconfigure(dataclasses.replace(model, pools=lab_model(members=grown(n)).pools), 3.0)
+        assert all(1030 not in be.block for be in t.backends.values() if be.block is not None)
+        check_invariants(t)
+
+
+def test_port_excluded_event_counts_the_backends_that_lost_a_chunk() -> None:
+    """The port_excluded ports_reclaimed event names how many backends lost ports (one here)."""
+    t, _, model = _exclusion_setup()
+    since = len(t.events)
+    t.reconfigure(model, 1.0)
     assert new_events(t, since, "ports_reclaimed") == [
         {
             "public_ip": FRONTEND,
@@ -483,15 +515,6 @@ def test_new_lb_rule_port_inside_a_block_takes_its_chunk_out() -> None:
             "flows_ended": 32,
         }
     ]
-    check_invariants(t)
-    for i in range(1100):
-        pkt = udp(POOL[0], SERVER2, 30000 + i, 53)
-        if t.in2out(pkt, 2.0) == ACCEPT_MODIFIED:
-            assert describe(pkt).sport != 1030
-    for n in (60, 3, 801, 3):
-        t.reconfigure(dataclasses.replace(model, pools=lab_model(members=grown(n)).pools), 3.0)
-        assert all(1030 not in be.block for be in t.backends.values() if be.block is not None)
-        check_invariants(t)
 
 
 def test_moving_an_lb_rule_port_never_hands_out_ports_below_1024() -> None:
@@ -586,7 +609,9 @@ SOURCES = st.integers(0, 200)
         st.tuples(
             st.sampled_from(SIZES),
             st.sampled_from(EXTRA_PORTS),
-            st.lists(st.tuples(SOURCES, st.integers(0, 3), st.sampled_from((PROTO_UDP, PROTO_TCP))), max_size=6),
+            st.lists(
+                st.tuples(SOURCES, st.integers(0, 3), st.sampled_from((PROTO_UDP, PROTO_TCP))), max_size=6
+            ),
         ),
         min_size=1,
         max_size=6,
