@@ -97,12 +97,25 @@ def install(
 
 def replace(
     inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
-) -> None:
-    """Swap the rules of our installed chains for a new set (a reload); raise RuntimeError on failure."""
+) -> int:
+    """Swap the rules of our installed chains for a new set (a reload); raise RuntimeError on failure.
+
+    A firewall reload that flushed the built-in chains also took our jumps
+    away, and with them the translation; they are put back here, after the
+    chains are refilled. Returns how many jumps had to be restored.
+    """
     text = ruleset(inside, outside, queue, publics, tcp_queue, jumps=False)
     res = _run(["iptables-restore", "--noflush", "-w"], text)
     if res.returncode != 0:
         raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")
+    restored = 0
+    for table, builtin, chain in JUMPS:
+        if _run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain]).returncode:
+            res = _run(["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", chain])
+            if res.returncode != 0:
+                raise RuntimeError(f"iptables -I {builtin} failed: {res.stderr.strip()}")
+            restored += 1
+    return restored
 
 
 def remove() -> None:

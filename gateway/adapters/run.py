@@ -177,7 +177,7 @@ class Gateway:
         gone = [p for p in self.publics if p not in publics]
         try:
             system.add_addresses(cfg.outside, added)
-            iptables.replace(cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue)
+            jumps = iptables.replace(cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue)
             summary = self.table.reconfigure(new.model, time.monotonic())
         except (OSError, RuntimeError, ModelError) as e:
             system.remove_addresses(cfg.outside, added)
@@ -191,6 +191,7 @@ class Gateway:
         fields = {"config": new.path, "source": source, **summary}
         fields["public_ips_added"] = [ip_str(p) for p in added]
         fields["public_ips_removed"] = [ip_str(p) for p in gone]
+        fields["rule_jumps_restored"] = jumps
         self.log.info("config_reloaded", **fields)
         return {"applied": True, **fields}
 

@@ -232,3 +232,21 @@ def test_a_rejected_reload_keeps_the_old_config_and_its_flows(
     assert done["flows_ended"] == 0 and done["tier_changes"] == 0 and done["source"] == "sighup"
     status = gw.ask("status")
     assert status["reloads"] == {"applied": 1, "rejected": 2} and status["queue"] == 0
+
+
+def test_reload_puts_back_rule_jumps_a_firewall_flush_removed(
+    lab: LabNames, gateway: h.GatewayFactory
+) -> None:
+    """After something deleted the jumps into our chains (a firewall reload), a reload
+    restores them, says how many, and traffic is translated again."""
+    gw = gateway(h.lab_config())
+    for table, chain, ours in (("mangle", "POSTROUTING", "SNATGW-POST"), ("filter", "FORWARD", "SNATGW-FWD")):
+        t.ns_run(lab.gw, ["iptables", "-w", "-t", table, "-D", chain, "-j", ours], timeout=10)
+    assert "-A POSTROUTING -j SNATGW-POST" not in h.iptables_save(lab)
+    res = gw.reload(h.lab_config())
+    assert res is not None and res.returncode == 0, res.stderr
+    assert gw.events("config_reloaded")[0]["rule_jumps_restored"] == 2
+    saved = h.iptables_save(lab)
+    assert "-A POSTROUTING -j SNATGW-POST" in saved and "-A FORWARD -j SNATGW-FWD" in saved
+    got = h.curl(lab, B1, f"http://{t.SERVER}/")
+    assert got.returncode == 0 and h.parse_peer(got.stdout.decode())[0] == t.FRONTEND_IP
