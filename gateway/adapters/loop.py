@@ -86,6 +86,7 @@ class PacketLoop:
         self.on_hup = on_hup
         self.stopping = False
         self.hup = False
+        self._closed = False
         self._calls: SimpleQueue[_Call] = SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -164,8 +165,12 @@ class PacketLoop:
         self._calls.put(c)
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        if not c.done.wait(timeout):
-            raise TimeoutError("the packet loop did not answer")
+        deadline = time.monotonic() + timeout
+        while not c.done.wait(0.1):
+            if self._closed:
+                raise TimeoutError("the gateway is stopping")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the packet loop did not answer")
         if c.error is not None:
             raise c.error
         return c.value
@@ -227,6 +232,7 @@ class PacketLoop:
         finally:
             signal.set_wakeup_fd(old_wakeup)
             sel.close()
+            self._closed = True
             self._run_calls()
 
     def close(self) -> None:

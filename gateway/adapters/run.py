@@ -213,7 +213,8 @@ class Gateway:
             proto = _PROTOS.get(proto_name) if proto_name is not None else None
             if proto_name is not None and proto is None:
                 raise RequestError(f"proto: {proto_name!r} is not one of tcp, udp, icmp")
-            return self.loop.call(lambda: views.flows(self.table, time.monotonic(), backend, proto))
+            records = self.loop.call(lambda: views.flow_records(self.table, backend, proto))
+            return views.flow_rows(records, time.monotonic())
         if cmd == "ports":
             backend = _ip_arg(request, "backend")
             top = request.get("top", 3)

@@ -21,41 +21,68 @@ from gateway.core.table import TranslationTable
 SCENARIO_NAMES = {1: "instance_ip", 2: "lb", 3: "default"}
 
 
+#: One flow as :func:`flow_records` copies it: proto, backend, backend port, public ip,
+#: public port, remote, remote port, scenario, state, created, last seen, packets
+#: and bytes out, packets and bytes in.
+FlowRecord = tuple[int, int, int, int, int, int, int, int, int, float, float, int, int, int, int]
+
+
+def flow_records(
+    table: TranslationTable, backend: int | None = None, proto: int | None = None
+) -> list[FlowRecord]:
+    """A copy of every live flow (optionally of one backend or protocol) as tuples.
+
+    This is the part that must run in the loop's thread, so it only copies;
+    :func:`flow_rows` turns the copy into rows anywhere else.
+    """
+    out: list[FlowRecord] = []
+    for p, d in table.inbound.items():
+        if proto is not None and p != proto:
+            continue
+        if backend is not None:
+            be = table.backends.get(backend)
+            flows_ = [f for f in be.flows if f.proto == p] if be is not None else []
+        else:
+            flows_ = list(d.values())
+        out += [
+            (p, f.backend, f.bport, f.public, f.pport, f.remote, f.rport, f.scenario, f.state,
+             f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in, f.bytes_in)
+            for f in flows_
+        ]  # fmt: skip
+    return out
+
+
+def flow_rows(records: list[FlowRecord], now: float) -> list[dict[str, Any]]:
+    """Rows for ``snatgw flows`` from :func:`flow_records`, oldest flow first."""
+    rows = []
+    for r in sorted(records, key=lambda r: r[9]):
+        rows.append(
+            {
+                "protocol": PROTO_NAMES[r[0]],
+                "backend": ip_str(r[1]),
+                "backend_port": r[2],
+                "public_ip": ip_str(r[3]),
+                "public_port": r[4],
+                "remote": ip_str(r[5]),
+                "remote_port": r[6],
+                "scenario": SCENARIO_NAMES[r[7]],
+                "state": STATE_NAMES[r[8]],
+                "age": round(now - r[9], 3),
+                "idle": round(now - r[10], 3),
+                "packets_out": r[11],
+                "bytes_out": r[12],
+                "packets_in": r[13],
+                "bytes_in": r[14],
+            }
+        )
+    return rows
+
+
 def flows(
     table: TranslationTable, now: float, backend: int | None = None, proto: int | None = None
 ) -> list[dict[str, Any]]:
     """Every live flow (optionally of one backend or protocol), oldest first."""
-    out: list[tuple[float, dict[str, Any]]] = []
-    for p, d in table.inbound.items():
-        if proto is not None and p != proto:
-            continue
-        for f in d.values():
-            if backend is not None and f.backend != backend:
-                continue
-            out.append(
-                (
-                    f.created,
-                    {
-                        "protocol": PROTO_NAMES[p],
-                        "backend": ip_str(f.backend),
-                        "backend_port": f.bport,
-                        "public_ip": ip_str(f.public),
-                        "public_port": f.pport,
-                        "remote": ip_str(f.remote),
-                        "remote_port": f.rport,
-                        "scenario": SCENARIO_NAMES[f.scenario],
-                        "state": STATE_NAMES[f.state],
-                        "age": round(now - f.created, 3),
-                        "idle": round(now - f.last_seen, 3),
-                        "packets_out": f.pkts_out,
-                        "bytes_out": f.bytes_out,
-                        "packets_in": f.pkts_in,
-                        "bytes_in": f.bytes_in,
-                    },
-                )
-            )
-    out.sort(key=lambda r: r[0])
-    return [r for _, r in out]
+    return flow_rows(flow_records(table, backend, proto), now)
 
 
 def _destination(dest: bytes) -> str:
