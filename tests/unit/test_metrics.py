@@ -1,0 +1,58 @@
+"""The Prometheus families built from one snapshot: names, labels, histogram buckets."""
+
+from __future__ import annotations
+
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
+from gateway.adapters.loop import LATENCY_BUCKETS
+from gateway.adapters.metrics import GatewayCollector
+from gateway.core import views
+from gateway.core.table import TranslationTable
+from tests.unit.conftest import POOL, SERVER, lab_model, udp
+
+
+def _scrape() -> str:
+    t = TranslationTable(lab_model(), 0.0)
+    for sport in range(40000, 40003):
+        t.in2out(udp(POOL[0], SERVER, sport, 5000), 1.0)
+    latency = [0] * (len(LATENCY_BUCKETS) + 1)
+    latency[0], latency[-1] = 5, 1
+
+    def snapshot() -> dict[str, object]:
+        return {
+            "stats": views.stats(t),
+            "ports": views.ports(t, 2.0, 1000.0, top=0),
+            "status": views.status(t),
+            "latency": (latency, 2.5),
+            "reloads": {"applied": 1, "rejected": 2},
+            "started": 1000.0,
+        }
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(snapshot))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+def test_port_metrics_per_backend_and_public_address() -> None:
+    """Allocated and used SNAT ports carry backend and public address (used: also protocol)."""
+    text = _scrape()
+    assert 'snatgw_allocated_snat_ports{backend="10.10.1.1",public_ip="198.51.100.10"} 1024.0' in text
+    assert 'snatgw_used_snat_ports{backend="10.10.1.1",protocol="udp",public_ip="198.51.100.10"} 3.0' in text
+    assert 'snatgw_snat_connections_total{state="attempted"} 3.0' in text
+    assert 'snatgw_snat_port_exhaustion_total{backend="10.10.1.1",public_ip="198.51.100.10"} 0.0' in text
+
+
+def test_counters_gauges_and_histogram_are_exposed() -> None:
+    """Packets, drops, flows, tiers, reloads and a cumulative latency histogram are all there."""
+    text = _scrape()
+    assert 'snatgw_packets_total{direction="in2out"} 3.0' in text
+    assert 'snatgw_dropped_packets_total{reason="exhausted"} 0.0' in text
+    assert 'snatgw_flows{protocol="udp",state="active"} 3.0' in text
+    assert 'snatgw_address_tier{kind="frontend",name="fe-web",public_ip="198.51.100.10"} 1.0' in text
+    assert 'snatgw_config_reloads_total{result="rejected"} 2.0' in text
+    assert 'snatgw_loop_latency_seconds_bucket{le="0.0001"} 5.0' in text
+    assert 'snatgw_loop_latency_seconds_bucket{le="1.0"} 5.0' in text
+    assert 'snatgw_loop_latency_seconds_bucket{le="+Inf"} 6.0' in text
+    assert "snatgw_loop_latency_seconds_count 6.0" in text
+    assert "snatgw_start_time_seconds 1000.0" in text
