@@ -74,7 +74,7 @@ def ports(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         block = ",".join(f"{lo}-{hi}" for lo, hi in r["block"]) or "own ports"
         top = ", ".join(f"{d['destination']}/{d['protocol']}={d['ports']}" for d in r["top_destinations"])
-        peak = max(r["peak"].values(), default=0)
+        peak = max(r["peak"].values(), default=None)
         use = r["in_use"]
         out.append(
             (

@@ -11,7 +11,7 @@ SNATGW="$VENV/bin/snatgw"
 PREFIX=snatgw
 BE="$PREFIX-be"
 GW="$PREFIX-gw"
-CONFIG=deploy/examples/lab.toml
+CONFIG=build/lab.toml  # a copy of deploy/examples/lab.toml, free to edit and reload
 SERVER=198.51.100.2
 LOGDIR=build
 LOG="$LOGDIR/demo-gateway.log"
@@ -63,6 +63,7 @@ echo "== lab up ($PREFIX)"
 echo
 echo "== gateway: ip netns exec $GW $SNATGW run --config $CONFIG (log: $LOG)"
 mkdir -p "$LOGDIR"
+cp deploy/examples/lab.toml "$CONFIG"
 : >"$LOG"
 ip netns exec "$GW" "$SNATGW" run --config "$CONFIG" </dev/null >/dev/null 2>"$LOG" &
 GW_PID=$!
@@ -109,6 +110,12 @@ if [ "$failed" -ne 0 ]; then
   exit 1
 fi
 
+echo
+echo "== the operator's view: $SNATGW flows, then $SNATGW ports"
+"$SNATGW" flows
+echo
+"$SNATGW" ports
+
 if [ "$KEEP" = 1 ]; then
   cat <<EOF
 
@@ -118,6 +125,8 @@ if [ "$KEEP" = 1 ]; then
   ping:     ip netns exec $BE ping -c 3 -I 10.10.2.1 $SERVER
   netstat:  ip netns exec $BE ss -tunap        (the backend's view of its flows)
   capture:  ip netns exec $GW tcpdump -n -i out0
+  operator: $SNATGW flows | ports | stats | status   (add --json for scripts)
+  reload:   edit $CONFIG (e.g. more pool members), then $SNATGW reload
   far side: tail -f /run/snatgw-lab/$PREFIX/whoami.log
   gateway log: $LOG
   stop:     kill $GW_PID && tail --pid=$GW_PID -f /dev/null && make lab-down
