@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ EXIT_SYSTEM = 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload sent while starting must not kill us
     try:
         cfg = load(args.config)
     except ConfigError as e:

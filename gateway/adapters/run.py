@@ -160,6 +160,7 @@ class Gateway:
         that go are removed after their flows have ended.
         """
         cfg = self.cfg
+        began = time.monotonic()
         try:
             new = self._overridden(load(cfg.path))
         except ConfigError as e:
@@ -192,6 +193,7 @@ class Gateway:
         fields["public_ips_added"] = [ip_str(p) for p in added]
         fields["public_ips_removed"] = [ip_str(p) for p in gone]
         fields["rule_jumps_restored"] = jumps
+        fields["took_ms"] = round((time.monotonic() - began) * 1000, 1)
         self.log.info("config_reloaded", **fields)
         return {"applied": True, **fields}
 
