@@ -8,7 +8,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from gateway.core.model import Frontend, GatewayModel, InstanceIp, LbRule, Pool, Timeouts
-from gateway.core.table import TranslationTable
+from gateway.core.packet import checksums_ok, describe
+from gateway.core.table import ACCEPT_MODIFIED, TranslationTable
 
 POOL = ("10.10.1.1", "10.10.1.2", "10.10.1.3")
 INSTANCE = "10.10.2.1"
@@ -49,6 +50,14 @@ def tcp(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: b
 
 def echo(src: str, dst: str, ident: int, reply: bool = False) -> bytearray:
     return bytearray(bytes(IP(src=src, dst=dst) / ICMP(type=0 if reply else 8, id=ident, seq=1) / b"ping"))
+
+
+def out(table: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[int, str, int]:
+    """Translate ``pkt`` in2out (it must be accepted, with valid checksums); its new sport, src, dport."""
+    assert table.in2out(pkt, now) == ACCEPT_MODIFIED
+    assert checksums_ok(pkt)
+    s = describe(pkt)
+    return s.sport, s.src, s.dport
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tests.unit.conftest import (
     echo,
     ip,
     lab_model,
+    out,
     tcp,
     udp,
 )
@@ -42,13 +43,6 @@ ZERO_SUMMARY = {
     "tier_changes": 0,
     "flows_ended": 0,
 }
-
-
-def out(table: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[int, str, int]:
-    assert table.in2out(pkt, now) == ACCEPT_MODIFIED
-    assert checksums_ok(pkt)
-    s = describe(pkt)
-    return s.sport, s.src, s.dport
 
 
 def members(n: int) -> tuple[str, ...]:

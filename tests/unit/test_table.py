@@ -18,16 +18,10 @@ from tests.unit.conftest import (
     STANDALONE,
     echo,
     lab_model,
+    out,
     tcp,
     udp,
 )
-
-
-def out(table: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[int, str, int]:
-    assert table.in2out(pkt, now) == ACCEPT_MODIFIED
-    assert checksums_ok(pkt)
-    s = describe(pkt)
-    return s.sport, s.src, s.dport
 
 
 def test_scenario_2_pool_member_uses_frontend_and_its_block(table: TranslationTable) -> None:

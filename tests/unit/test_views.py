@@ -9,8 +9,7 @@ from typing import Any
 
 from gateway.core import views
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, LbRule, Pool, Timeouts
-from gateway.core.packet import describe
-from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, TranslationTable
+from gateway.core.table import ACCEPT_MODIFIED_MARK, DROP, TranslationTable
 from tests.unit.conftest import (
     DEFAULTS,
     FRONTEND,
@@ -23,17 +22,12 @@ from tests.unit.conftest import (
     echo,
     ip,
     lab_model,
+    out,
     tcp,
     udp,
 )
 
 WALL = 1_700_000_000.0
-
-
-def out(table: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[int, str, int]:
-    assert table.in2out(pkt, now) == ACCEPT_MODIFIED
-    s = describe(pkt)
-    return s.sport, s.src, s.dport
 
 
 def as_json(data: Any) -> Any:
