@@ -32,3 +32,22 @@ def test_known_vector() -> None:
 def test_odd_length_is_padded() -> None:
     """An odd trailing byte counts as the high byte of a last word."""
     assert ones_sum(b"\x01") == 0x0100
+
+
+def _delta_by_words(old: bytes, new: bytes) -> int:
+    d = 0
+    for i in range(0, len(old), 2):
+        d += (~int.from_bytes(old[i : i + 2], "big") & 0xFFFF) + int.from_bytes(new[i : i + 2], "big")
+    while d > 0xFFFF:
+        d = (d & 0xFFFF) + (d >> 16)
+    return d
+
+
+@given(st.integers(1, 4).flatmap(lambda n: st.tuples(st.binary(min_size=2 * n, max_size=2 * n),
+                                                      st.binary(min_size=2 * n, max_size=2 * n))))
+def test_delta_equals_the_word_by_word_rfc1624_sum(pair: tuple[bytes, bytes]) -> None:
+    """The one-subtraction delta is exactly RFC 1624's ~m + m' summed word by word, folded."""
+    old, new = pair
+    assert delta(old, new) == _delta_by_words(old, new)
+    assert delta(old, old) == _delta_by_words(old, old)
+    assert delta(b"\xff" * len(old), bytes(len(old))) == 0
