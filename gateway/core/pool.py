@@ -50,6 +50,9 @@ class Backend:
     last_exhausted: float = float("-inf")
     last_event: float = float("-inf")
     suppressed: int = 0
+    #: A standalone backend without flows: the last packet time of its last flow
+    #: (it gives its block back ``idle_timeout`` after that).
+    vacant_since: float | None = None
 
 
 def ip_str(ip: int) -> str:

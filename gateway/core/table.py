@@ -163,6 +163,9 @@ class TranslationTable:
         self.counters = [0] * len(COUNTER_NAMES)
         self.events: list[Event] = []
         self.tier_changes = 0
+        #: Standalone backends whose last flow ended, and the earliest time one may go.
+        self._vacant: dict[int, Backend] = {}
+        self._vacant_due = float("inf")
         self.inbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self.outbound: dict[int, dict[bytes, Flow]] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self._tcp_in = self.inbound[PROTO_TCP]
@@ -503,6 +506,10 @@ class TranslationTable:
         be = self.backends.get(f.backend)
         if be is not None:
             be.flows.discard(f)
+            if not be.flows and be.scenario == SCENARIO_DEFAULT:
+                be.vacant_since = f.last_seen
+                self._vacant[be.ip] = be
+                self._vacant_due = min(self._vacant_due, f.last_seen + self.timeouts.idle)
         self.counters[_END_COUNTER[reason]] += 1
 
     def _tcp_flags(self, f: Flow, flags: int, outbound: bool, now: float) -> None:
@@ -781,16 +788,53 @@ class TranslationTable:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next needs to run (None: nothing pending)."""
-        return self.wheel.next_deadline()
+        due = self.wheel.next_deadline()
+        if self._vacant:
+            return self._vacant_due if due is None else min(due, self._vacant_due)
+        return due
 
     def handle_timer(self, now: float) -> None:
-        """End flows idle past their timeout; re-arm the ones that saw traffic."""
+        """End flows idle past their timeout; re-arm the ones that saw traffic;
+        release standalone backends that have had no flow for the idle timeout."""
         for f in self.wheel.advance(now):
             deadline = f.last_seen + f.timeout
             if deadline > now:
                 self.wheel.schedule(f, deadline)
             else:
                 self.end_flow(f, END_CLOSED if f.state in (TCP_CLOSED, TCP_RESET) else END_IDLE)
+        if now >= self._vacant_due:
+            self._release_vacant(now)
+
+    def _release_vacant(self, now: float) -> None:
+        """Give the blocks of long-silent standalone backends back to their default
+        address, which may then fall to a lower tier and grow every other block
+        (OUTBOUND_MODEL.md, "Resizing": a shrinking pool ends no flow).
+
+        A backend that speaks again later is placed afresh, like a new one.
+        """
+        idle = self.timeouts.idle
+        released: dict[int, list[int]] = {}
+        due = float("inf")
+        for ip, be in list(self._vacant.items()):
+            since = be.vacant_since
+            if be.flows or since is None or self.backends.get(ip) is not be:
+                del self._vacant[ip]
+                be.vacant_since = None
+            elif since + idle <= now:
+                del self._vacant[ip]
+                tally = released.setdefault(be.address.ip, [0, 0])
+                tally[0] += 1
+                tally[1] += be.block.size if be.block is not None else 0
+                self._remove_backend(be)
+            else:
+                due = min(due, since + idle)
+        self._vacant_due = due
+        for ip, (backends, ports) in released.items():
+            addr = self.addresses[ip]
+            self._reclaimed(addr, "backend_idle", 0, ports, backends)
+            if addr.layout is not None:
+                count = len(addr.members)
+                self._resize(addr, ports_per_backend(count), count)
 
     # ------------------------------------------------------------------ views
 

@@ -250,3 +250,20 @@ def test_reload_puts_back_rule_jumps_a_firewall_flush_removed(
     assert "-A POSTROUTING -j SNATGW-POST" in saved and "-A FORWARD -j SNATGW-FWD" in saved
     got = h.curl(lab, B1, f"http://{t.SERVER}/")
     assert got.returncode == 0 and h.parse_peer(got.stdout.decode())[0] == t.FRONTEND_IP
+
+
+def test_a_silent_standalone_backend_gives_its_block_back(
+    lab: LabNames, gateway: h.GatewayFactory
+) -> None:
+    """With idle_timeout 2 s, a standalone backend's one UDP flow idles out and its block
+    goes back: `snatgw ports` stops listing it and ports_reclaimed says backend_idle."""
+    gw = gateway(h.lab_config(idle_timeout=2))
+    standalone = t.STANDALONE[0]
+    out = h.probe(lab.be, {"sockets": [{"src": standalone}],
+                           "steps": [["send", 0, t.SERVER, 5000, "x"], ["recv", 0, 3]]})
+    assert h.parse_peer(str(out[-1]["data"]))[0] == t.DEFAULT_SNAT[0]
+    assert [r["backend"] for r in gw.ask("ports") if r["scenario"] == "default"] == [standalone]
+    assert h.wait_until(lambda: not [r for r in gw.ask("ports") if r["scenario"] == "default"], 10)
+    event = gw.wait_event("ports_reclaimed", 3)
+    assert event is not None and event["reason"] == "backend_idle" and event["backends"] == 1
+    assert event["public_ip"] == t.DEFAULT_SNAT[0] and event["ports"] == 1024
