@@ -356,6 +356,8 @@ class GatewayFactory:
     def close(self) -> None:
         for gw in self.started:
             gw.stop()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(gw.socket)  # left behind by a gateway a test killed
 
 
 @dataclass(frozen=True, slots=True)
