@@ -201,15 +201,6 @@ class PortBlock:
         self._pos = remap
         self.size = size
 
-    def busy_chunks(self, chunks: Iterable[int]) -> bool:
-        """Whether any port of ``chunks`` carries a flow (in any protocol)."""
-        for c in chunks:
-            base = self._pos[c] << CHUNK_SHIFT
-            for inv in self.inventories.values():
-                if any(inv.refs[base : base + CHUNK]):
-                    return True
-        return False
-
 
 @dataclass(slots=True)
 class BlockLayout:
