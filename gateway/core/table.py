@@ -608,23 +608,20 @@ class TranslationTable:
                 summary["addresses_removed"] += 1
             else:
                 addr.name = ap.name
-        gone: dict[int, list[int]] = {}
-        for bip, be in list(self.backends.items()):
+        gone: dict[int, list[Backend]] = {}
+        for bip, be in self.backends.items():
             pl = p.placements.get(bip)
             if be.scenario == SCENARIO_DEFAULT:
                 stale = pl is not None
             else:
                 stale = pl is None or pl.scenario != be.scenario or pl.public_ip != be.address.ip
             if stale:
-                tally = gone.setdefault(be.address.ip, [0, 0, 0])
-                tally[0] += 1
-                tally[2] += be.block.size if be.block is not None else 0
-                tally[1] += self._remove_backend(be)
-                summary["backends_removed"] += 1
+                gone.setdefault(be.address.ip, []).append(be)
             elif pl is not None:
                 be.pool = pl.pool
-        for ip, (backends, flows, ports) in gone.items():
-            self._reclaimed(self.addresses[ip], "backend_removed", flows, ports, backends)
+        for ip, bes in gone.items():
+            self._drop_backends(self.addresses[ip], bes, "backend_removed")
+            summary["backends_removed"] += len(bes)
         for ip, ap in p.addresses.items():
             if ip not in self.addresses:
                 if ap.kind == KIND_INSTANCE_IP:
@@ -682,15 +679,20 @@ class TranslationTable:
         self.backends.pop(be.ip, None)
         return ended
 
-    def _remove_address(self, addr: PublicAddress) -> int:
-        """End every flow through ``addr`` and forget it; returns how many backends it had."""
+    def _drop_backends(self, addr: PublicAddress, backends: list[Backend], reason: str) -> None:
+        """Remove ``backends`` of ``addr`` (their flows end, their blocks go back) and
+        say so in one ``ports_reclaimed`` event."""
         flows = ports = 0
-        backends = list(addr.members.values())
         for be in backends:
             ports += be.block.size if be.block is not None else 0
             flows += self._remove_backend(be)
+        self._reclaimed(addr, reason, flows, ports, len(backends))
+
+    def _remove_address(self, addr: PublicAddress) -> int:
+        """End every flow through ``addr`` and forget it; returns how many backends it had."""
+        backends = list(addr.members.values())
+        self._drop_backends(addr, backends, "address_removed")
         del self.addresses[addr.ip]
-        self._reclaimed(addr, "address_removed", flows, ports, len(backends))
         return len(backends)
 
     def _reclaimed(self, addr: PublicAddress, reason: str, flows: int, ports: int, backends: int) -> None:
@@ -813,7 +815,7 @@ class TranslationTable:
         A backend that speaks again later is placed afresh, like a new one.
         """
         idle = self.timeouts.idle
-        released: dict[int, list[int]] = {}
+        released: dict[int, list[Backend]] = {}
         due = float("inf")
         for ip, be in list(self._vacant.items()):
             since = be.vacant_since
@@ -822,16 +824,13 @@ class TranslationTable:
                 be.vacant_since = None
             elif since + idle <= now:
                 del self._vacant[ip]
-                tally = released.setdefault(be.address.ip, [0, 0])
-                tally[0] += 1
-                tally[1] += be.block.size if be.block is not None else 0
-                self._remove_backend(be)
+                released.setdefault(be.address.ip, []).append(be)
             else:
                 due = min(due, since + idle)
         self._vacant_due = due
-        for ip, (backends, ports) in released.items():
+        for ip, bes in released.items():
             addr = self.addresses[ip]
-            self._reclaimed(addr, "backend_idle", 0, ports, backends)
+            self._drop_backends(addr, bes, "backend_idle")
             if addr.layout is not None:
                 count = len(addr.members)
                 self._resize(addr, ports_per_backend(count), count)

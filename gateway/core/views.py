@@ -137,9 +137,10 @@ def ports(
     table: TranslationTable, now: float, wall: float, backend: int | None = None, top: int = 3
 ) -> list[dict[str, Any]]:
     """:func:`backend_ports` for every backend (or one), by address."""
-    bes = [table.backends[backend]] if backend in table.backends else []
     if backend is None:
         bes = sorted(table.backends.values(), key=lambda b: b.ip)
+    else:
+        bes = [table.backends[backend]] if backend in table.backends else []
     return [backend_ports(be, now, wall, top) for be in bes]
 
 
