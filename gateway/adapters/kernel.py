@@ -1,0 +1,43 @@
+"""Kernel numbers the adapters share: netfilter hooks, the packet marks our rules
+set and test, and the queue's per-packet flags (docs/kernel.md).
+
+Defined once here; the iptables rules, the queue codec and the packet loop all
+import them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+
+class Hook(IntEnum):
+    """Netfilter hook a queued packet came from (``enum nf_inet_hooks``).
+
+    POSTROUTING carries in2out packets, PREROUTING out2in ones
+    (docs/kernel.md, "Diverting packets").
+    """
+
+    PRE_ROUTING = 0
+    LOCAL_IN = 1
+    FORWARD = 2
+    LOCAL_OUT = 3
+    POST_ROUTING = 4
+
+
+class Mark(IntEnum):
+    """Bits of the packet mark (``skb->mark``) that snatgw's rules use."""
+
+    #: Set by the gateway's verdict on translated out2in packets; the FORWARD
+    #: filter lets only these go from the outside to the inside.
+    TRANSLATED = 0x10000000
+    #: Set in mangle PREROUTING on forwarded inside traffic; only these are
+    #: queued for in2out in POSTROUTING.
+    INSIDE = 0x20000000
+
+
+class SkbInfo(IntFlag):
+    """``NFQA_SKB_INFO`` flags (``linux/netfilter/nfnetlink_queue.h``)."""
+
+    CSUMNOTREADY = 1
+    GSO = 2
+    CSUM_NOTVERIFIED = 4
