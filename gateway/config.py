@@ -22,7 +22,7 @@ from gateway.core.model import (
     Pool,
     Timeouts,
 )
-from gateway.core.pool import plan
+from gateway.core.scenario import plan
 from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS
 
 

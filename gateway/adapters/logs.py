@@ -6,9 +6,10 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 
-def configure(json: bool | None = None) -> Any:
+def configure(json: bool | None = None) -> FilteringBoundLogger:
     """Configure structlog for the process and return a logger for snatgw."""
     if json is None:
         json = not sys.stderr.isatty()
@@ -22,4 +23,5 @@ def configure(json: bool | None = None) -> Any:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger("snatgw")
+    log: FilteringBoundLogger = structlog.get_logger("snatgw")
+    return log

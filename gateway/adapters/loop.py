@@ -42,7 +42,8 @@ from netfilterqueue import NetfilterQueue
 from gateway.adapters.iptables import MARK_TRANSLATED
 from gateway.adapters.nlqueue import SKBINFO_CSUMNOTREADY, SKBINFO_GSO, NetlinkQueue
 from gateway.core.packet import fill_l4_checksum
-from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 
 HOOK_POSTROUTING = 4
 #: Longest sleep, so that signals and events are handled promptly without traffic.

@@ -17,26 +17,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.loop import PacketLoop
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.core import views
+from gateway.core.address import ip_str
 from gateway.core.errors import ModelError
+from gateway.core.events import fields
 from gateway.core.model import PROTO_NAMES
-from gateway.core.pool import ip_str
 from gateway.core.table import TranslationTable
 
 #: Where state that must survive a crash is kept (one file per network namespace).
 STATE_DIR = Path("/run/snatgw")
 
-#: Log level of each event the table emits (README, "Events").
-EVENT_LEVELS = {
-    "snat_port_exhausted": "warning",
-    "snat_ports_high_water": "warning",
-    "pool_tier_changed": "warning",
-    "ports_reclaimed": "warning",
-}
 _PROTOS = {name: num for num, name in PROTO_NAMES.items()}
 
 
@@ -56,7 +52,7 @@ class Gateway:
     def __init__(
         self,
         cfg: GatewayConfig,
-        log: Any,
+        log: FilteringBoundLogger,
         metrics: tuple[str, int] | None = None,
         control_socket: str | None = None,
     ) -> None:
@@ -128,7 +124,7 @@ class Gateway:
 
     def flush_events(self) -> None:
         for ev in self.table.events:
-            getattr(self.log, EVENT_LEVELS.get(ev.name, "info"))(ev.name, **ev.fields)
+            getattr(self.log, ev.level)(ev.name, **fields(ev))
         self.table.events.clear()
 
     def describe(self) -> dict[str, Any]:
@@ -261,7 +257,10 @@ class Gateway:
 
 
 def run(
-    cfg: GatewayConfig, log: Any, metrics: tuple[str, int] | None = None, control_socket: str | None = None
+    cfg: GatewayConfig,
+    log: FilteringBoundLogger,
+    metrics: tuple[str, int] | None = None,
+    control_socket: str | None = None,
 ) -> int:
     """Run the gateway in this network namespace until SIGINT or SIGTERM."""
     for name in (cfg.inside, cfg.outside):

@@ -82,24 +82,11 @@ class PortBlock:
         self.size = len(self.chunks) << CHUNK_SHIFT
         self._pos = {c: i for i, c in enumerate(self.chunks)}
 
-    @classmethod
-    def contiguous(cls, public_ip: int, start: int, size: int) -> PortBlock:
-        """A block of ``size`` ports from ``start`` (both multiples of 32)."""
-        first = start >> CHUNK_SHIFT
-        return cls(public_ip, list(range(first, first + (size >> CHUNK_SHIFT))))
-
-    @property
-    def start(self) -> int:
-        return self.chunks[0] << CHUNK_SHIFT if self.chunks else 0
-
     def port(self, off: int) -> int:
         return self.chunks[off >> CHUNK_SHIFT] << CHUNK_SHIFT | off & (CHUNK - 1)
 
     def offset(self, port: int) -> int:
         return self._pos[port >> CHUNK_SHIFT] << CHUNK_SHIFT | port & (CHUNK - 1)
-
-    def __contains__(self, port: int) -> bool:
-        return port >> CHUNK_SHIFT in self._pos
 
     def ranges(self) -> list[tuple[int, int]]:
         """The block as (first, last) port ranges, lowest first, adjacent chunks merged."""

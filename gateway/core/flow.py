@@ -1,121 +1,146 @@
 """A flow: one translated 5-tuple with both of its keys, its port and its
-lifetime (OUTBOUND_MODEL.md, "Words", "Idle timeout").
+lifetime (docs/model.md, "Words", "Idle timeout").
 
 The TCP rules live here as tables, in one place: which state a FIN or RST
-leads to and how long each state may stay idle before the port is freed.
+leads to and how long each state may stay idle before the port is freed
+(docs/decisions.md, "TCP lingers").
+
+Vocabulary, used everywhere in the code: a packet goes **in2out** (from a
+backend toward the outside) or **out2in** (a return packet toward a backend).
+The **inside key** is how an in2out packet names its flow, the **outside
+key** how an out2in packet does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from gateway.core.block import PortBlock
 from gateway.core.model import Timeouts
 
-# Flow states. Non-TCP flows stay ACTIVE for their whole life.
-ACTIVE = 0
-TCP_SYN_SENT = 1
-TCP_ESTABLISHED = 2
-TCP_FIN_WAIT = 3
-TCP_CLOSED = 4
-TCP_RESET = 5
 
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_ACK = 0x10
+class TcpState(IntEnum):
+    """Where a flow is in its life. Non-TCP flows stay ACTIVE throughout."""
+
+    ACTIVE = 0
+    SYN_SENT = 1
+    ESTABLISHED = 2
+    FIN_WAIT = 3
+    CLOSED = 4
+    RESET = 5
+
+
+class TcpFlag(IntEnum):
+    """The TCP header flags the state table looks at (RFC 9293, section 3.1)."""
+
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    ACK = 0x10
+
+
+class EndReason(StrEnum):
+    """Why a flow ended; each has a ``flows_ended_<reason>`` counter."""
+
+    IDLE = "idle"
+    CLOSED = "closed"
+    RECLAIMED = "reclaimed"
+    REMOVED = "removed"
+
 
 #: Which ``Timeouts`` field bounds the idle time of each state.
-STATE_TIMEOUT = {
-    ACTIVE: "idle",
-    TCP_SYN_SENT: "idle",
-    TCP_ESTABLISHED: "idle",
-    TCP_FIN_WAIT: "idle",
-    TCP_CLOSED: "tcp_fin_linger",
-    TCP_RESET: "tcp_rst_linger",
+STATE_TIMEOUT: dict[TcpState, str] = {
+    TcpState.ACTIVE: "idle",
+    TcpState.SYN_SENT: "idle",
+    TcpState.ESTABLISHED: "idle",
+    TcpState.FIN_WAIT: "idle",
+    TcpState.CLOSED: "tcp_fin_linger",
+    TcpState.RESET: "tcp_rst_linger",
 }
-
-# Why a flow ended.
-END_IDLE = "idle"
-END_CLOSED = "closed"
-END_RECLAIMED = "reclaimed"
-END_REMOVED = "removed"
 
 #: How the operator's view names each state (``snatgw flows``, metrics).
-STATE_NAMES = {
-    ACTIVE: "active",
-    TCP_SYN_SENT: "syn_sent",
-    TCP_ESTABLISHED: "established",
-    TCP_FIN_WAIT: "fin_wait",
-    TCP_CLOSED: "closed",
-    TCP_RESET: "reset",
-}
+STATE_NAMES: dict[int, str] = {s.value: s.name.lower() for s in TcpState}
+
+#: ``fins`` bits: a FIN seen in2out (from the backend) and out2in (from the remote).
+FIN_IN2OUT = 1
+FIN_OUT2IN = 2
+_FIN_BOTH = FIN_IN2OUT | FIN_OUT2IN
+
+_SYN_ACK = TcpFlag.SYN | TcpFlag.ACK
 
 
 def timeout_for(state: int, timeouts: Timeouts) -> float:
     """Idle seconds allowed in ``state``."""
-    t: float = getattr(timeouts, STATE_TIMEOUT[state])
+    t: float = getattr(timeouts, STATE_TIMEOUT[TcpState(state)])
     return t
 
 
-def tcp_next_state(state: int, fins: int, flags: int, outbound: bool) -> tuple[int, int]:
+def tcp_next_state(state: int, fins: int, flags: int, in2out: bool) -> tuple[int, int]:
     """The TCP state after a packet with ``flags``; returns (state, fins seen).
 
-    ``fins`` has bit 1 for a FIN from the backend and bit 2 for one from the
-    remote. FIN from both sides or any RST ends the flow after a linger; a
-    bare SYN from the backend on a closed flow reopens it (the backend reused
-    the same 4-tuple).
+    FIN from both sides or any RST ends the flow after a linger; a bare SYN
+    from the backend on a closed flow reopens it (the backend reused the same
+    4-tuple, RFC 5382 REQ-5 lets a NAT keep the mapping).
     """
-    if flags & TCP_RST:
-        return TCP_RESET, fins
-    if state in (TCP_CLOSED, TCP_RESET):
-        if outbound and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
-            return TCP_SYN_SENT, 0
+    if flags & TcpFlag.RST:
+        return TcpState.RESET, fins
+    if state in (TcpState.CLOSED, TcpState.RESET):
+        if in2out and flags & _SYN_ACK == TcpFlag.SYN:
+            return TcpState.SYN_SENT, 0
         return state, fins
-    if flags & TCP_FIN:
-        fins |= 1 if outbound else 2
-        return (TCP_CLOSED if fins == 3 else TCP_FIN_WAIT), fins
-    if state == TCP_SYN_SENT and not outbound and flags & TCP_SYN:
-        return TCP_ESTABLISHED, fins
+    if flags & TcpFlag.FIN:
+        fins |= FIN_IN2OUT if in2out else FIN_OUT2IN
+        return (TcpState.CLOSED if fins == _FIN_BOTH else TcpState.FIN_WAIT), fins
+    if state == TcpState.SYN_SENT and not in2out and flags & TcpFlag.SYN:
+        return TcpState.ESTABLISHED, fins
     return state, fins
+
+
+def first_state(flags: int) -> TcpState:
+    """State of a TCP flow created by a packet with ``flags``: a bare SYN opens
+    it; anything else joins a connection already under way (a gateway restart)."""
+    return TcpState.SYN_SENT if flags & _SYN_ACK == TcpFlag.SYN else TcpState.ESTABLISHED
 
 
 @dataclass(slots=True, eq=False)
 class Flow:
     """One translation. The flow owns both keys; the table adds or removes both at once.
 
-    ``in_key`` is how an outbound packet names the flow (backend ip, remote
-    ip, backend port, remote port as they sit in the IPv4 and transport
-    headers), ``out_key`` how a return packet names it (remote ip, public
-    ip, remote port, public port). ``d_*`` are the RFC 1624 checksum deltas
-    for in2out, ``r_*`` for out2in, computed once here instead of per packet.
+    ``inside_key`` is how an in2out packet names the flow (backend ip, remote
+    ip, backend port, remote port, as they sit in the IPv4 and transport
+    headers), ``outside_key`` how an out2in packet names it (remote ip,
+    public ip, remote port, public port). ``in2out_ip``/``in2out_l4`` and
+    ``out2in_ip``/``out2in_l4`` are the RFC 1624 checksum deltas of each
+    direction, computed once here instead of per packet.
     """
 
     proto: int
     scenario: int
     backend: int
-    bport: int
+    backend_port: int
     public: int
-    pport: int
+    public_port: int
     remote: int
-    rport: int
-    in_key: bytes
-    out_key: bytes
+    remote_port: int
+    inside_key: bytes
+    outside_key: bytes
+    #: Remote ip and port: what the block counts ports per destination by.
     dest: bytes
     block: PortBlock | None
     public_b: bytes
-    pport_b: bytes
+    public_port_b: bytes
     backend_b: bytes
-    bport_b: bytes
-    d_ip: int
-    d_l4: int
-    r_ip: int
-    r_l4: int
+    backend_port_b: bytes
+    in2out_ip: int
+    in2out_l4: int
+    out2in_ip: int
+    out2in_l4: int
     created: float
     last_seen: float
     timeout: float
-    state: int = ACTIVE
+    state: int = TcpState.ACTIVE
     fins: int = 0
     pkts_out: int = 0
     pkts_in: int = 0

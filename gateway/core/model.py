@@ -9,11 +9,23 @@ Addresses are kept as ``int`` so the core never parses strings per packet.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+
+class Proto(IntEnum):
+    """IP protocol numbers the gateway translates (each has its own port inventory)."""
+
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+
+
+#: Aliases for the per-packet path, where a module global is the cheapest lookup.
+PROTO_ICMP = Proto.ICMP
+PROTO_TCP = Proto.TCP
+PROTO_UDP = Proto.UDP
+#: How the operator's view, events and metrics name each protocol.
+PROTO_NAMES: dict[int, str] = {p.value: p.name.lower() for p in Proto}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,20 +11,32 @@ dates.
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, NamedTuple
 
+from gateway.core.address import SCENARIO_NAMES, Backend, ip_str
 from gateway.core.flow import STATE_NAMES
 from gateway.core.model import PROTO_NAMES
-from gateway.core.pool import Backend, ip_str
 from gateway.core.table import TranslationTable
 
-SCENARIO_NAMES = {1: "instance_ip", 2: "lb", 3: "default"}
 
+class FlowRecord(NamedTuple):
+    """One flow as :func:`flow_records` copies it in the loop's thread (plain numbers)."""
 
-#: One flow as :func:`flow_records` copies it: proto, backend, backend port, public ip,
-#: public port, remote, remote port, scenario, state, created, last seen, packets
-#: and bytes out, packets and bytes in.
-FlowRecord = tuple[int, int, int, int, int, int, int, int, int, float, float, int, int, int, int]
+    proto: int
+    backend: int
+    backend_port: int
+    public: int
+    public_port: int
+    remote: int
+    remote_port: int
+    scenario: int
+    state: int
+    created: float
+    last_seen: float
+    pkts_out: int
+    bytes_out: int
+    pkts_in: int
+    bytes_in: int
 
 
 def flow_records(
@@ -36,7 +48,7 @@ def flow_records(
     :func:`flow_rows` turns the copy into rows anywhere else.
     """
     out: list[FlowRecord] = []
-    for p, d in table.inbound.items():
+    for p, d in table.inside.items():
         if proto is not None and p != proto:
             continue
         if backend is not None:
@@ -45,8 +57,9 @@ def flow_records(
         else:
             flows_ = list(d.values())
         out += [
-            (p, f.backend, f.bport, f.public, f.pport, f.remote, f.rport, f.scenario, f.state,
-             f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in, f.bytes_in)
+            FlowRecord(p, f.backend, f.backend_port, f.public, f.public_port, f.remote, f.remote_port,
+                       f.scenario, f.state, f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in,
+                       f.bytes_in)
             for f in flows_
         ]  # fmt: skip
     return out
@@ -55,24 +68,24 @@ def flow_records(
 def flow_rows(records: list[FlowRecord], now: float) -> list[dict[str, Any]]:
     """Rows for ``snatgw flows`` from :func:`flow_records`, oldest flow first."""
     rows = []
-    for r in sorted(records, key=lambda r: r[9]):
+    for r in sorted(records, key=lambda r: r.created):
         rows.append(
             {
-                "protocol": PROTO_NAMES[r[0]],
-                "backend": ip_str(r[1]),
-                "backend_port": r[2],
-                "public_ip": ip_str(r[3]),
-                "public_port": r[4],
-                "remote": ip_str(r[5]),
-                "remote_port": r[6],
-                "scenario": SCENARIO_NAMES[r[7]],
-                "state": STATE_NAMES[r[8]],
-                "age": round(now - r[9], 3),
-                "idle": round(now - r[10], 3),
-                "packets_out": r[11],
-                "bytes_out": r[12],
-                "packets_in": r[13],
-                "bytes_in": r[14],
+                "protocol": PROTO_NAMES[r.proto],
+                "backend": ip_str(r.backend),
+                "backend_port": r.backend_port,
+                "public_ip": ip_str(r.public),
+                "public_port": r.public_port,
+                "remote": ip_str(r.remote),
+                "remote_port": r.remote_port,
+                "scenario": SCENARIO_NAMES[r.scenario],
+                "state": STATE_NAMES[r.state],
+                "age": round(now - r.created, 3),
+                "idle": round(now - r.last_seen, 3),
+                "packets_out": r.pkts_out,
+                "bytes_out": r.bytes_out,
+                "packets_in": r.pkts_in,
+                "bytes_in": r.bytes_in,
             }
         )
     return rows
@@ -110,7 +123,7 @@ def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[st
     else:
         per: dict[int, set[int]] = {}
         for f in be.flows:
-            per.setdefault(f.proto, set()).add(f.pport)
+            per.setdefault(f.proto, set()).add(f.public_port)
         for p, ports in per.items():
             in_use[PROTO_NAMES[p]] = len(ports)
     last = be.last_exhausted
@@ -148,7 +161,7 @@ def stats(table: TranslationTable) -> dict[str, Any]:
     """Counters by name, live flows by protocol and state, and the SNAT connection counts."""
     c = table.counters_dict()
     by: dict[str, dict[str, int]] = {}
-    for p, d in table.inbound.items():
+    for p, d in table.inside.items():
         states: dict[str, int] = {}
         for f in d.values():
             name = STATE_NAMES[f.state]
@@ -173,7 +186,7 @@ def status(table: TranslationTable) -> dict[str, Any]:
         addresses.append(
             {
                 "public_ip": ip_str(addr.ip),
-                "kind": addr.kind,
+                "kind": str(addr.kind),
                 "name": addr.name,
                 "backends": len(addr.members),
                 "block_size": addr.block_size or None,

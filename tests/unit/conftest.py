@@ -7,9 +7,11 @@ import ipaddress
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
+from gateway.core.block import CHUNK_SHIFT, PortBlock
 from gateway.core.model import Frontend, GatewayModel, InstanceIp, LbRule, Pool, Timeouts
 from gateway.core.packet import checksums_ok, describe
-from gateway.core.table import ACCEPT_MODIFIED, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED
 
 POOL = ("10.10.1.1", "10.10.1.2", "10.10.1.3")
 INSTANCE = "10.10.2.1"
@@ -19,6 +21,18 @@ INSTANCE_PUBLIC = "198.51.100.20"
 DEFAULTS = ("198.51.100.30", "198.51.100.31")
 SERVER = "198.51.100.2"
 SERVER2 = "198.51.100.3"
+
+
+def first_port(block: PortBlock | None) -> int:
+    """The first port of a block's first chunk (where a contiguous block starts)."""
+    assert block is not None
+    return block.chunks[0] << CHUNK_SHIFT
+
+
+def holds(block: PortBlock | None, port: int) -> bool:
+    """Whether ``port`` lies in one of the block's chunks."""
+    assert block is not None
+    return port >> CHUNK_SHIFT in block.chunks
 
 
 def ip(s: str) -> int:

@@ -10,7 +10,8 @@ from scapy.layers.inet import IP, UDP
 
 from gateway.core.errors import PacketError
 from gateway.core.packet import describe
-from gateway.core.table import DROP, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import DROP
 from tests.unit.conftest import POOL, SERVER, lab_model
 
 packets = st.one_of(
@@ -33,13 +34,13 @@ def test_describe_raises_only_packet_error(data: bytes) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(packets, st.booleans())
-def test_table_never_raises_on_garbage(data: bytes, outbound: bool) -> None:
+def test_table_never_raises_on_garbage(data: bytes, in2out: bool) -> None:
     """in2out and out2in answer every input with a verdict; malformed input is dropped."""
     t = TranslationTable(lab_model(), 0.0)
     seed = bytearray(bytes(IP(src=POOL[0], dst=SERVER) / UDP(sport=1, dport=2)))
     t.in2out(seed, 0.0)
     buf = bytearray(data)
-    verdict = t.in2out(buf, 1.0) if outbound else t.out2in(buf, 1.0)
+    verdict = t.in2out(buf, 1.0) if in2out else t.out2in(buf, 1.0)
     assert verdict in (0, 2, 3)
     if len(data) < 20:
         assert verdict == DROP

@@ -10,14 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core.address import Scenario
 from gateway.core.block import PortBlock
 from gateway.core.errors import ModelError
+from gateway.core.events import Event
+from gateway.core.events import fields as event_fields
 from gateway.core.flow import Flow
 from gateway.core.model import PROTO_TCP, PROTO_UDP, GatewayModel, LbRule, Timeouts
 from gateway.core.packet import checksums_ok, describe
-from gateway.core.pool import SCENARIO_DEFAULT, SCENARIO_LB
-from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Event, TranslationTable
+from gateway.core.table import TranslationTable
 from gateway.core.tier import PORT_MIN, ports_per_backend
+from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 from tests.unit.conftest import (
     DEFAULTS,
     FRONTEND,
@@ -28,6 +31,8 @@ from tests.unit.conftest import (
     SERVER2,
     STANDALONE,
     echo,
+    first_port,
+    holds,
     ip,
     lab_model,
     out,
@@ -56,17 +61,17 @@ def grown(n: int) -> tuple[str, ...]:
 
 
 def new_events(table: TranslationTable, since: int, name: str) -> list[dict[str, Any]]:
-    return [e.fields for e in table.events[since:] if e.name == name]
+    return [event_fields(e) for e in table.events[since:] if e.name == name]
 
 
 def udp_back(table: TranslationTable, f: Flow, now: float = 1.0) -> int:
     """Send the UDP return packet of ``f`` (as it was keyed when opened) through out2in."""
-    pkt = udp(_s(f.remote), _s(f.public), f.rport, f.pport, b"reply")
+    pkt = udp(_s(f.remote), _s(f.public), f.remote_port, f.public_port, b"reply")
     verdict = table.out2in(pkt, now)
     if verdict == ACCEPT_MODIFIED_MARK:
         assert checksums_ok(pkt)
         s = describe(pkt)
-        assert (s.dst, s.dport) == (_s(f.backend), f.bport)
+        assert (s.dst, s.dport) == (_s(f.backend), f.backend_port)
     return verdict
 
 
@@ -81,14 +86,14 @@ def block_of(table: TranslationTable, backend: str) -> PortBlock:
 
 
 def flows_of(table: TranslationTable, backend: str) -> list[Flow]:
-    return sorted(table.backends[ip(backend)].flows, key=lambda f: (f.proto, f.pport, f.bport))
+    return sorted(table.backends[ip(backend)].flows, key=lambda f: (f.proto, f.public_port, f.backend_port))
 
 
 def snapshot(table: TranslationTable) -> dict[str, Any]:
     """Everything a rejected reload must leave alone."""
     return {
-        "flows": {p: dict(d) for p, d in table.inbound.items()},
-        "out": {p: dict(d) for p, d in table.outbound.items()},
+        "flows": {p: dict(d) for p, d in table.inside.items()},
+        "out": {p: dict(d) for p, d in table.outside.items()},
         "backends": {b: (be.address.ip, be.scenario, be.pool) for b, be in table.backends.items()},
         "blocks": {b: list(be.block.chunks) for b, be in table.backends.items() if be.block is not None},
         "sizes": {a: addr.block_size for a, addr in table.addresses.items()},
@@ -112,24 +117,24 @@ def check_invariants(table: TranslationTable) -> None:
             for lo, _hi in be.block.ranges():
                 assert lo >= PORT_MIN
             for p in addr.layout.excluded:
-                assert p not in be.block
+                assert not holds(be.block, p)
             if addr.kind == "frontend":
                 assert be.block.size == ports_per_backend(len(addr.members))
             assert be.block.size == addr.block_size
     live = 0
     for be in table.backends.values():
         for f in be.flows:
-            assert table.inbound[f.proto][f.in_key] is f
-            assert table.outbound[f.proto][f.out_key] is f
+            assert table.inside[f.proto][f.inside_key] is f
+            assert table.outside[f.proto][f.outside_key] is f
             if be.block is not None:
                 assert f.block is be.block
-                assert f.pport in be.block
+                assert holds(be.block, f.public_port)
         live += len(be.flows)
         if be.block is not None:
             for proto, inv in be.block.inventories.items():
                 mine = [f for f in be.flows if f.proto == proto]
                 assert sum(inv.refs) == len(mine)
-                assert inv.in_use == len({f.pport for f in mine})
+                assert inv.in_use == len({f.public_port for f in mine})
     assert live == table.flow_count()
 
 
@@ -170,7 +175,7 @@ def test_reload_with_the_same_model_changes_nothing() -> None:
     assert t.out2in(back, 7.0) == ACCEPT_MODIFIED_MARK
     assert describe(back).dst == POOL[1]
     assert (
-        t.out2in(echo(SERVER, FRONTEND, flows_of(t, POOL[2])[0].pport, reply=True), 7.0)
+        t.out2in(echo(SERVER, FRONTEND, flows_of(t, POOL[2])[0].public_port, reply=True), 7.0)
         == ACCEPT_MODIFIED_MARK
     )
     c = t.counters_dict()
@@ -187,7 +192,7 @@ def test_pool_growth_into_a_higher_tier_halves_blocks_and_ends_reclaimed_flows()
     (their replies drop), the lower half keeps working, events give the numbers."""
     t = TranslationTable(lab_model(), 0.0)
     blocks = {p: t.backends[ip(p)].block for p in POOL}
-    starts = {p: b.start for p, b in blocks.items() if b is not None}
+    starts = {p: first_port(b) for p, b in blocks.items() if b is not None}
     for i in range(530):
         out(t, udp(POOL[0], SERVER, 20000 + i, 5000))
     out(t, udp(POOL[1], SERVER, 40000, 5000))
@@ -202,11 +207,11 @@ def test_pool_growth_into_a_higher_tier_halves_blocks_and_ends_reclaimed_flows()
     for p in POOL:
         b = t.backends[ip(p)].block
         assert b is blocks[p] and b is not None
-        assert b.size == 512 and b.start == starts[p]
+        assert b.size == 512 and first_port(b) == starts[p]
     c = t.counters_dict()
     assert c["flows_ended_reclaimed"] == 18
     assert c["flows_ended_removed"] == 0
-    reclaimed = [f for f in all_before[POOL[0]] if f.pport >= starts[POOL[0]] + 512]
+    reclaimed = [f for f in all_before[POOL[0]] if f.public_port >= starts[POOL[0]] + 512]
     assert len(reclaimed) == 18
     for f in reclaimed:
         assert udp_back(t, f) == DROP
@@ -244,7 +249,7 @@ def test_pool_growth_into_a_higher_tier_halves_blocks_and_ends_reclaimed_flows()
     assert len(front.members) == 60 and front.tier == 2
     seen: set[int] = set()
     for be in front.members.values():
-        assert be.scenario == SCENARIO_LB and be.block is not None and be.block.size == 512
+        assert be.scenario == Scenario.LB and be.block is not None and be.block.size == 512
         ports = {be.block.port(o) for o in range(be.block.size)}
         assert not ports & seen
         seen |= ports
@@ -256,7 +261,7 @@ def test_pool_shrink_into_a_lower_tier_grows_blocks_and_keeps_every_flow() -> No
     """60 -> 3 members: the remaining blocks grow to 1024 keeping all their flows and ports;
     only the removed members' flows end."""
     t = TranslationTable(lab_model(members=grown(60)), 0.0)
-    starts = {p: block_of(t, p).start for p in POOL}
+    starts = {p: first_port(block_of(t, p)) for p in POOL}
     for i in range(512):
         out(t, udp(POOL[0], SERVER, 20000 + i, 5000))
     assert t.in2out(udp(POOL[0], SERVER, 39999, 5000), 0.0) == DROP
@@ -267,7 +272,7 @@ def test_pool_shrink_into_a_lower_tier_grows_blocks_and_keeps_every_flow() -> No
         out(t, udp(g, SERVER, 40000, 5000))
         out(t, udp(g, SERVER2, 40000, 5000))
     kept = {p: flows_of(t, p) for p in POOL}
-    kept_ports = {p: [(f.proto, f.bport, f.pport) for f in fs] for p, fs in kept.items()}
+    kept_ports = {p: [(f.proto, f.backend_port, f.public_port) for f in fs] for p, fs in kept.items()}
     since = len(t.events)
 
     summary = t.reconfigure(lab_model(), 1.0)
@@ -277,22 +282,22 @@ def test_pool_shrink_into_a_lower_tier_grows_blocks_and_keeps_every_flow() -> No
     assert (c["flows_ended_removed"], c["flows_ended_reclaimed"]) == (10, 0)
     for p in POOL:
         be = t.backends[ip(p)]
-        assert be.block is not None and be.block.size == 1024 and be.block.start == starts[p]
+        assert be.block is not None and be.block.size == 1024 and first_port(be.block) == starts[p]
         assert flows_of(t, p) == kept[p]
-        assert [(f.proto, f.bport, f.pport) for f in flows_of(t, p)] == kept_ports[p]
+        assert [(f.proto, f.backend_port, f.public_port) for f in flows_of(t, p)] == kept_ports[p]
     assert t.flow_count() == 512 + 2
     for f in kept[POOL[0]]:
         assert udp_back(t, f) == ACCEPT_MODIFIED_MARK
     f1 = kept[POOL[1]][0]
-    assert out(t, tcp(POOL[1], SERVER, 40001, 80, "A"), 2.0)[0] == f1.pport
-    back = tcp(SERVER, FRONTEND, 80, f1.pport, "SA")
+    assert out(t, tcp(POOL[1], SERVER, 40001, 80, "A"), 2.0)[0] == f1.public_port
+    back = tcp(SERVER, FRONTEND, 80, f1.public_port, "SA")
     assert t.out2in(back, 2.0) == ACCEPT_MODIFIED_MARK and describe(back).dport == 40001
-    rep = echo(SERVER, FRONTEND, kept[POOL[2]][0].pport, reply=True)
+    rep = echo(SERVER, FRONTEND, kept[POOL[2]][0].public_port, reply=True)
     assert t.out2in(rep, 2.0) == ACCEPT_MODIFIED_MARK
     for i in (0, 300, 511):
-        assert out(t, udp(POOL[0], SERVER, 20000 + i, 5000), 2.0)[0] == kept[POOL[0]][i].pport
+        assert out(t, udp(POOL[0], SERVER, 20000 + i, 5000), 2.0)[0] == kept[POOL[0]][i].public_port
     sport = out(t, udp(POOL[0], SERVER, 39999, 5000), 2.0)[0]
-    assert sport in block_of(t, POOL[0])
+    assert holds(block_of(t, POOL[0]), sport)
     for g in gone[:5]:
         assert ip(g) not in t.backends
         assert t.in2out(udp(g, SERVER, 40000, 5000), 3.0) == ACCEPT_MODIFIED
@@ -367,7 +372,7 @@ def test_removing_a_pool_member_ends_its_flows_and_it_becomes_standalone() -> No
     sport, src, _ = out(t, udp(POOL[2], SERVER, 40000, 5000), 2.0)
     assert src in DEFAULTS and 1024 <= sport < 2048
     be = t.backends[ip(POOL[2])]
-    assert be.scenario == SCENARIO_DEFAULT and be.pool == ""
+    assert be.scenario == Scenario.DEFAULT and be.pool == ""
     check_invariants(t)
 
 
@@ -458,7 +463,7 @@ def _exclusion_setup() -> tuple[TranslationTable, list[Flow], GatewayModel]:
         out(t, udp(POOL[0], SERVER, 20000 + i, 5000))
     out(t, udp(POOL[1], SERVER, 20000, 5000))
     before = flows_of(t, POOL[0])
-    assert [f.pport for f in before] == list(range(1024, 1064))
+    assert [f.public_port for f in before] == list(range(1024, 1064))
     return t, before, _with_rule(lab_model(), LbRule("dns", "fe-web", "web", "udp", 1030, 53))
 
 
@@ -473,8 +478,8 @@ def test_new_lb_rule_port_inside_a_block_takes_its_chunk_out() -> None:
     assert summary == {**ZERO_SUMMARY, "flows_ended": 32}
     assert t.counters_dict()["flows_ended_reclaimed"] == 32
     block = block_of(t, POOL[0])
-    assert block.size == 1024 and 1030 not in block
-    assert not any(p in block for p in range(1024, 1056))
+    assert block.size == 1024 and not holds(block, 1030)
+    assert not any(holds(block, p) for p in range(1024, 1056))
     for f in before[:32]:
         assert udp_back(t, f) == DROP
     for f in before[32:]:
@@ -490,7 +495,7 @@ def test_new_lb_rule_port_inside_a_block_takes_its_chunk_out() -> None:
             assert describe(pkt).sport != 1030
     for n in (60, 3, 801, 3):
         t.reconfigure(dataclasses.replace(model, pools=lab_model(members=grown(n)).pools), 3.0)
-        assert all(1030 not in be.block for be in t.backends.values() if be.block is not None)
+        assert all(not holds(be.block, 1030) for be in t.backends.values() if be.block is not None)
         check_invariants(t)
 
 
@@ -521,7 +526,7 @@ def test_moving_an_lb_rule_port_never_hands_out_ports_below_1024() -> None:
         if be.block is not None:
             assert be.block.size == 1024
             assert min(lo for lo, _ in be.block.ranges()) >= PORT_MIN, be.block.ranges()
-            assert 1030 not in be.block
+            assert not holds(be.block, 1030)
     sport = out(t, udp(POOL[0], SERVER, 40000, 5000), 2.0)[0]
     assert sport >= PORT_MIN
     check_invariants(t)
@@ -556,7 +561,7 @@ def test_shorter_idle_timeout_applies_to_existing_flows() -> None:
     t.handle_timer(1.0)
     summary = t.reconfigure(lab_model(timeouts=Timeouts(idle=4.0)), 1.0)
     assert summary == ZERO_SUMMARY
-    assert all(f.timeout == 4.0 for d in t.inbound.values() for f in d.values())
+    assert all(f.timeout == 4.0 for d in t.inside.values() for f in d.values())
     t.handle_timer(3.9)
     assert t.flow_count() == 2
     t.handle_timer(4.2)
@@ -671,15 +676,15 @@ def test_high_water_fires_once_and_rearms_below_the_hysteresis_mark() -> None:
     assert _high(t) == []
     open_to(17, 0.0)
     [ev] = _high(t)
-    assert ev.fields == {
+    assert event_fields(ev) == {
         "backend": POOL[0],
         "public_ip": FRONTEND,
         "protocol": "tcp",
-        "ports_in_use": ev.fields["ports_in_use"],
+        "ports_in_use": event_fields(ev)["ports_in_use"],
         "block_size": 32,
         "threshold": 0.5,
     }
-    assert 16 <= ev.fields["ports_in_use"] <= 17
+    assert 16 <= event_fields(ev)["ports_in_use"] <= 17
     open_to(24, 0.0)
     assert len(_high(t)) == 1
 
@@ -692,6 +697,6 @@ def test_high_water_fires_once_and_rearms_below_the_hysteresis_mark() -> None:
     assert be.block.inventories[PROTO_TCP].in_use == 12
     open_to(17, 30.0)
     assert len(_high(t)) == 2
-    second = _high(t)[1].fields
+    second = event_fields(_high(t)[1])
     assert second["backend"] == POOL[0] and second["protocol"] == "tcp" and second["block_size"] == 32
-    assert [e.fields["public_ip"] for e in _high(t)] == [FRONTEND, FRONTEND]
+    assert [event_fields(e)["public_ip"] for e in _high(t)] == [FRONTEND, FRONTEND]

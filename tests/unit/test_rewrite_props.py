@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from gateway.core.table import DROP, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import DROP
 from tests.unit.conftest import INSTANCE, POOL, STANDALONE, lab_model
 
 backends = st.sampled_from((*POOL, INSTANCE, STANDALONE, "10.10.7.7"))

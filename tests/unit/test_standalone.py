@@ -3,15 +3,17 @@ timeout, and a default address falls to a lower tier when enough of them go."""
 
 from __future__ import annotations
 
+from gateway.core.events import fields as event_fields
 from gateway.core.model import Timeouts
-from gateway.core.table import ACCEPT_MODIFIED_MARK, DROP, TranslationTable
-from tests.unit.conftest import DEFAULTS, POOL, SERVER, ip, lab_model, out, tcp, udp
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
+from tests.unit.conftest import DEFAULTS, POOL, SERVER, first_port, ip, lab_model, out, tcp, udp
 
 IDLE = 240.0
 
 
 def _events(t: TranslationTable, name: str) -> list[dict[str, object]]:
-    return [e.fields for e in t.events if e.name == name]
+    return [event_fields(e) for e in t.events if e.name == name]
 
 
 def test_silent_standalone_backend_is_released_after_the_idle_timeout() -> None:
@@ -20,7 +22,7 @@ def test_silent_standalone_backend_is_released_after_the_idle_timeout() -> None:
     t = TranslationTable(lab_model(defaults=(DEFAULTS[0],)), 0.0)
     out(t, udp("10.10.3.1", SERVER, 40000, 5000), 10.0)
     be = t.backends[ip("10.10.3.1")]
-    assert be.block is not None and be.block.start == 1024
+    assert be.block is not None and first_port(be.block) == 1024
     t.handle_timer(10.0 + IDLE)
     assert ip("10.10.3.1") not in t.backends
     assert _events(t, "ports_reclaimed") == [
@@ -63,7 +65,7 @@ def test_default_address_falls_a_tier_and_grows_blocks_without_ending_flows() ->
     assert t.counters_dict()["flows_ended_reclaimed"] == 0
     for be in kept:
         (f,) = be.flows
-        back = udp(SERVER, DEFAULTS[0], 5000, f.pport)
+        back = udp(SERVER, DEFAULTS[0], 5000, f.public_port)
         assert t.out2in(back, IDLE + 2) == ACCEPT_MODIFIED_MARK
     tier = _events(t, "pool_tier_changed")
     assert [(e["old_block_size"], e["new_block_size"], e["backends"]) for e in tier][-1] == (512, 1024, 50)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 
+from gateway.core.events import fields as event_fields
 from gateway.core.model import Timeouts
 from gateway.core.packet import checksums_ok, describe, fill_l4_checksum
-from gateway.core.table import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 from tests.unit.conftest import (
     DEFAULTS,
     FRONTEND,
@@ -17,6 +19,7 @@ from tests.unit.conftest import (
     SERVER2,
     STANDALONE,
     echo,
+    first_port,
     lab_model,
     out,
     tcp,
@@ -99,10 +102,10 @@ def test_exhaustion_drops_counts_and_emits_rate_limited_event() -> None:
         assert t.in2out(udp("10.10.9.1", SERVER, 40000, 5000), 1.0) == DROP
     assert t.counters_dict()["drop_exhausted"] == 5
     [ev] = [e for e in t.events if e.name == "snat_port_exhausted"]
-    assert ev.fields["backend"] == "10.10.9.1"
-    assert ev.fields["public_ip"] == FRONTEND
-    assert ev.fields["destination"] == f"{SERVER}:5000"
-    assert ev.fields["block_size"] == 256
+    assert event_fields(ev)["backend"] == "10.10.9.1"
+    assert event_fields(ev)["public_ip"] == FRONTEND
+    assert event_fields(ev)["destination"] == f"{SERVER}:5000"
+    assert event_fields(ev)["block_size"] == 256
     back = udp(SERVER, FRONTEND, 5000, first)
     assert t.out2in(back, 2.0) == ACCEPT_MODIFIED_MARK
 
@@ -251,7 +254,8 @@ def test_default_address_grows_a_tier_and_halves_blocks() -> None:
     for ip_, be in t.backends.items():
         if be.block is not None and be.address.ip == first_block.public_ip:
             assert be.block.size == 512
-            assert all(be.block.start <= f.pport < be.block.start + 512 for f in be.flows), ip_
+            lo = first_port(be.block)
+            assert all(lo <= f.public_port < lo + 512 for f in be.flows), ip_
 
 
 def test_translation_works_in_place_on_a_memoryview(table: TranslationTable) -> None:

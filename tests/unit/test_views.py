@@ -9,7 +9,8 @@ from typing import Any
 
 from gateway.core import views
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, LbRule, Pool, Timeouts
-from gateway.core.table import ACCEPT_MODIFIED_MARK, DROP, TranslationTable
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
 from tests.unit.conftest import (
     DEFAULTS,
     FRONTEND,

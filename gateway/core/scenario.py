@@ -1,5 +1,5 @@
-"""Pools and the scenario policy: which public address and which block a
-backend's flows leave with (OUTBOUND_MODEL.md, "Scenarios").
+"""The scenario policy: which public address each configured backend's flows
+leave with (OUTBOUND_MODEL.md, "Scenarios").
 
 Precedence is 1 (instance IP) over 2 (member of a pool an LB rule names) over
 3 (anything else from the inside, on a default SNAT address the gateway picks).
@@ -10,54 +10,13 @@ configuration does not change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from gateway.core.block import CHUNK, BlockLayout, PortBlock
+from gateway.core.address import AddressKind, PublicAddress, Scenario, ip_str
+from gateway.core.block import CHUNK, BlockLayout
 from gateway.core.errors import ModelError
-from gateway.core.frontend import (
-    KIND_DEFAULT_SNAT,
-    KIND_FRONTEND,
-    KIND_INSTANCE_IP,
-    PublicAddress,
-)
 from gateway.core.model import GatewayModel
 from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS, ports_per_backend
-
-if TYPE_CHECKING:
-    from gateway.core.flow import Flow
-
-SCENARIO_INSTANCE_IP = 1
-SCENARIO_LB = 2
-SCENARIO_DEFAULT = 3
-
-
-@dataclass(slots=True, eq=False)
-class Backend:
-    """One private source address and the public address and block it uses."""
-
-    ip: int
-    scenario: int
-    address: PublicAddress
-    block: PortBlock | None
-    pool: str = ""
-    flows: set[Flow] = field(default_factory=set)
-    #: Flows created, and new flows that failed for want of a port (the
-    #: "attempted" and "failed" SNAT connection counts are created + exhausted
-    #: and exhausted).
-    created: int = 0
-    exhausted: int = 0
-    last_exhausted: float = float("-inf")
-    last_event: float = float("-inf")
-    suppressed: int = 0
-    #: A standalone backend without flows: the last packet time of its last flow
-    #: (it gives its block back ``idle_timeout`` after that).
-    vacant_since: float | None = None
-
-
-def ip_str(ip: int) -> str:
-    """Dotted quad of ``ip`` (ten times faster than ``ipaddress`` for big snapshots)."""
-    return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}"
 
 
 def pool_frontends(model: GatewayModel) -> dict[str, str]:
@@ -76,7 +35,7 @@ class AddressPlan:
     """A public address the configuration asks for."""
 
     ip: int
-    kind: str
+    kind: AddressKind
     name: str = ""
     excluded: frozenset[int] = frozenset()
 
@@ -85,7 +44,7 @@ class AddressPlan:
 class Placement:
     """Where a configured backend's flows leave: its scenario, public address and pool."""
 
-    scenario: int
+    scenario: Scenario
     public_ip: int
     pool: str = ""
 
@@ -117,13 +76,13 @@ def plan(model: GatewayModel) -> Plan:
         excluded.setdefault(by_name[rule.frontend].ip, set()).add(rule.frontend_port)
     addresses: dict[int, AddressPlan] = {}
     for f in model.frontends:
-        addresses[f.ip] = AddressPlan(f.ip, KIND_FRONTEND, f.name, frozenset(excluded.get(f.ip, ())))
+        addresses[f.ip] = AddressPlan(f.ip, AddressKind.FRONTEND, f.name, frozenset(excluded.get(f.ip, ())))
     for ip in model.default_snat:
-        addresses[ip] = AddressPlan(ip, KIND_DEFAULT_SNAT)
+        addresses[ip] = AddressPlan(ip, AddressKind.DEFAULT_SNAT)
     placements: dict[int, Placement] = {}
     for inst in model.instance_ips:
-        addresses[inst.public] = AddressPlan(inst.public, KIND_INSTANCE_IP)
-        placements[inst.private] = Placement(SCENARIO_INSTANCE_IP, inst.public)
+        addresses[inst.public] = AddressPlan(inst.public, AddressKind.INSTANCE_IP)
+        placements[inst.private] = Placement(Scenario.INSTANCE_IP, inst.public)
 
     chosen = pool_frontends(model)
     for pool in model.pools:
@@ -133,8 +92,8 @@ def plan(model: GatewayModel) -> Plan:
         fip = by_name[fe].ip
         for m in pool.members:
             cur = placements.get(m)
-            if cur is None or (cur.scenario == SCENARIO_LB and fip < cur.public_ip):
-                placements[m] = Placement(SCENARIO_LB, fip, pool.name)
+            if cur is None or (cur.scenario == Scenario.LB and fip < cur.public_ip):
+                placements[m] = Placement(Scenario.LB, fip, pool.name)
     plan_ = Plan(addresses, placements, list(model.default_snat), chosen)
     for front in model.frontends:
         n = len(plan_.members(front.ip))

@@ -1,0 +1,106 @@
+"""Public addresses and the backends that leave through them (docs/model.md,
+"Words" and "Scenarios").
+
+A :class:`PublicAddress` is a frontend, an instance IP or a default SNAT
+address; it knows its backends and, for the PAT scenarios, where each one's
+block lies and which tier it is in. A :class:`Backend` is one private source
+address, its scenario, its public address and its block. Both types live in
+this one module because each refers to the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+from gateway.core.block import BlockLayout, PortBlock
+from gateway.core.flow import Flow
+from gateway.core.tier import TIERS, ports_per_backend
+
+
+class Scenario(IntEnum):
+    """Which public address a backend's flows leave with; 1 wins over 2 over 3."""
+
+    INSTANCE_IP = 1
+    LB = 2
+    DEFAULT = 3
+
+    @property
+    def label(self) -> str:
+        """How the operator's view names it (``snatgw flows``, ``ports``)."""
+        return _SCENARIO_LABELS[self]
+
+
+_SCENARIO_LABELS = {Scenario.INSTANCE_IP: "instance_ip", Scenario.LB: "lb", Scenario.DEFAULT: "default"}
+#: The operator's names by scenario number (rows of the views carry plain ints).
+SCENARIO_NAMES: dict[int, str] = {s.value: s.label for s in Scenario}
+
+
+class AddressKind(StrEnum):
+    """What a public address is for."""
+
+    FRONTEND = "frontend"
+    INSTANCE_IP = "instance_ip"
+    DEFAULT_SNAT = "default_snat"
+
+
+def ip_str(ip: int) -> str:
+    """Dotted quad of ``ip`` (ten times faster than ``ipaddress`` for big snapshots)."""
+    return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}"
+
+
+@dataclass(slots=True, eq=False)
+class PublicAddress:
+    """One address the gateway owns on the outside.
+
+    ``layout`` is None for an instance IP: its one backend keeps its own
+    source ports (scenario 1, no port masquerading).
+    """
+
+    ip: int
+    kind: AddressKind
+    name: str = ""
+    layout: BlockLayout | None = None
+    members: dict[int, Backend] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.size if self.layout is not None else 0
+
+    @property
+    def tier(self) -> int:
+        """1 for the first row of the tier table (1-50 backends, 1024 ports), 0 without blocks."""
+        for i, (_limit, size) in enumerate(TIERS, 1):
+            if size == self.block_size:
+                return i
+        return 0
+
+
+def new_pat_address(
+    ip: int, kind: AddressKind, name: str, excluded: frozenset[int], backends: int
+) -> PublicAddress:
+    """A PAT address (frontend or default SNAT) with an empty layout in the tier for ``backends``."""
+    return PublicAddress(ip, kind, name, BlockLayout(ports_per_backend(backends), excluded))
+
+
+@dataclass(slots=True, eq=False)
+class Backend:
+    """One private source address and the public address and block it uses."""
+
+    ip: int
+    scenario: Scenario
+    address: PublicAddress
+    block: PortBlock | None
+    pool: str = ""
+    flows: set[Flow] = field(default_factory=set)
+    #: Flows created, and new flows that failed for want of a port (the
+    #: "attempted" and "failed" SNAT connection counts are created + exhausted
+    #: and exhausted).
+    created: int = 0
+    exhausted: int = 0
+    last_exhausted: float = float("-inf")
+    last_event: float = float("-inf")
+    suppressed: int = 0
+    #: A standalone backend without flows: the last packet time of its last flow
+    #: (it gives its block back ``idle_timeout`` after that).
+    vacant_since: float | None = None

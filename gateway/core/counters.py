@@ -1,0 +1,52 @@
+"""The table's counters, drop reasons among them, defined once (VPP's habit: every
+drop is a named, counted reason).
+
+The per-packet path indexes a plain ``list[int]`` with these values (cheap);
+the operator's view, metrics and events read them by ``name``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from gateway.core.flow import EndReason
+
+
+class Counter(IntEnum):
+    """Index into :attr:`TranslationTable.counters`; the lower-case name is the public name."""
+
+    IN2OUT_TRANSLATED = 0
+    OUT2IN_TRANSLATED = 1
+    ICMP_ERROR_IN2OUT = 2
+    ICMP_ERROR_OUT2IN = 3
+    FLOWS_CREATED = 4
+    FLOWS_ENDED_IDLE = 5
+    FLOWS_ENDED_CLOSED = 6
+    FLOWS_ENDED_RECLAIMED = 7
+    FLOWS_ENDED_REMOVED = 8
+    #: Not an IPv4 packet with a whole transport header.
+    DROP_MALFORMED = 9
+    #: A fragment (docs/kernel.md, "Pitfalls": the queue sees them one by one).
+    DROP_FRAGMENT = 10
+    #: A protocol or ICMP type the gateway does not translate from the inside.
+    DROP_UNSUPPORTED = 11
+    #: From the outside, and no live flow matches it.
+    DROP_NO_FLOW = 12
+    #: The backend has no free port for this destination (docs/model.md, "Exhaustion").
+    DROP_EXHAUSTED = 13
+    #: A new standalone backend and no default SNAT address with room.
+    DROP_NO_PUBLIC_ADDRESS = 14
+    #: The core raised: a bug, never input (the adapter drops the packet and counts it).
+    DROP_INTERNAL = 15
+
+
+#: Public counter names, in index order (``snatgw stats``, ``gateway_stopped``, metrics).
+COUNTER_NAMES: tuple[str, ...] = tuple(c.name.lower() for c in Counter)
+
+#: The counter each way of ending a flow bumps.
+END_COUNTER: dict[str, Counter] = {
+    EndReason.IDLE: Counter.FLOWS_ENDED_IDLE,
+    EndReason.CLOSED: Counter.FLOWS_ENDED_CLOSED,
+    EndReason.RECLAIMED: Counter.FLOWS_ENDED_RECLAIMED,
+    EndReason.REMOVED: Counter.FLOWS_ENDED_REMOVED,
+}

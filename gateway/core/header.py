@@ -1,0 +1,42 @@
+"""The header check both per-packet paths start with.
+
+It answers in one call, without raising, whether a queued packet is an
+unfragmented IPv4 packet whose transport header is all there, and where that
+header starts. The thorough, slow reading of the same headers, for tools and
+tests, is :mod:`gateway.core.packet`.
+"""
+
+from __future__ import annotations
+
+from gateway.core.counters import Counter
+from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+
+#: A packet as the adapters hand it over: writable, indexable, sliceable.
+Buffer = bytearray | memoryview
+
+#: Shortest transport header per IP protocol number (0: not looked at here).
+_L4_MIN = [0] * 256
+_L4_MIN[PROTO_TCP] = 20
+_L4_MIN[PROTO_UDP] = 8
+_L4_MIN[PROTO_ICMP] = 8
+
+_MALFORMED = -Counter.DROP_MALFORMED.value
+_FRAGMENT = -Counter.DROP_FRAGMENT.value
+
+
+def l4_offset(buf: Buffer, n: int) -> int:
+    """Where the transport header starts, or minus the drop counter that applies.
+
+    An unfragmented IPv4 packet whose header and transport header fit in
+    ``n`` bytes gives its header length (RFC 791 IHL); anything else is
+    malformed or a fragment, which this gateway translates neither of
+    (docs/kernel.md, "Pitfalls").
+    """
+    if n < 28 or buf[0] >> 4 != 4:
+        return _MALFORMED
+    ihl = (buf[0] & 15) << 2
+    if ihl < 20 or n < ihl + _L4_MIN[buf[9]]:
+        return _MALFORMED
+    if buf[6] & 0x3F or buf[7]:
+        return _FRAGMENT
+    return ihl

@@ -1,0 +1,107 @@
+"""The per-packet path from a backend toward the outside (docs/model.md, "PAT").
+
+One dict lookup on a 12-byte inside key cut from the headers (source and
+destination address, source and destination port as they sit in the
+packet), then the source address and port and the checksums are rewritten
+in place with the flow's precomputed RFC 1624 deltas. A packet without a
+flow goes to :meth:`~gateway.core.placement.Placement._new_flow`; an ICMP
+error to :mod:`gateway.core.icmp_error`. Nothing here logs or raises for bad
+input; the only objects made per packet are the key (a ``bytes``) and, for
+a packet with IP options, the slices it is joined from.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from gateway.core.checksum import apply
+from gateway.core.counters import Counter
+from gateway.core.header import Buffer, l4_offset
+from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors
+from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from gateway.core.verdict import ACCEPT_MODIFIED, DROP, Verdict
+
+_H = struct.Struct("!H")
+_HI = struct.Struct("!H4s")
+_UDP = struct.Struct("!HHHH")
+_KEY = struct.Struct("12s").unpack_from
+
+_C_IN2OUT = Counter.IN2OUT_TRANSLATED.value
+_D_UNSUPPORTED = Counter.DROP_UNSUPPORTED.value
+
+
+class In2Out(IcmpErrors):
+    """Translating packets from backends."""
+
+    def in2out(self, buf: Buffer, now: float) -> Verdict:
+        """Translate a packet from a backend toward the outside, in place."""
+        n = len(buf)
+        ihl = l4_offset(buf, n)
+        if ihl < 0:
+            self.counters[-ihl] += 1
+            return DROP
+        proto = buf[9]
+        if proto == PROTO_UDP:
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._udp_inside.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
+            _sp, dp, ln, c = _UDP.unpack_from(buf, ihl)
+            if c:
+                c -= f.in2out_l4
+                if c <= 0:
+                    c += 0xFFFF
+            _UDP.pack_into(buf, ihl, f.public_port, dp, ln, c)
+        elif proto == PROTO_TCP:
+            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+            f = self._tcp_inside.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
+            if buf[ihl + 13] & 7:
+                self._tcp_flags(f, buf[ihl + 13], True, now)
+            _H.pack_into(buf, ihl, f.public_port)
+            c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.in2out_l4
+            if c < 0:
+                c += 0xFFFF
+            _H.pack_into(buf, ihl + 16, c)
+        elif proto == PROTO_ICMP:
+            return self._icmp_in2out(buf, ihl, n, now)
+        else:
+            self.counters[_D_UNSUPPORTED] += 1
+            return DROP
+        c = (buf[10] << 8 | buf[11]) - f.in2out_ip
+        if c < 0:
+            c += 0xFFFF
+        _HI.pack_into(buf, 10, c, f.public_b)
+        f.last_seen = now
+        f.pkts_out += 1
+        f.bytes_out += n
+        self.counters[_C_IN2OUT] += 1
+        return ACCEPT_MODIFIED
+
+    def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
+        """An echo request (its identifier is translated like a port) or an error."""
+        typ = buf[ihl]
+        if typ == ICMP_ECHO_REQUEST:
+            key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
+            f = self._icmp_inside.get(key)
+            if f is None:
+                f = self._new_flow(buf, ihl, PROTO_ICMP, key, now)
+                if f is None:
+                    return DROP
+            f.last_seen = now
+            f.pkts_out += 1
+            f.bytes_out += n
+            _HI.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.in2out_ip), f.public_b)
+            buf[ihl + 4 : ihl + 6] = f.public_port_b
+            _H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.in2out_l4))
+            self.counters[_C_IN2OUT] += 1
+            return ACCEPT_MODIFIED
+        if typ in ICMP_ERRORS:
+            return self._icmp_error(buf, ihl, n, True)
+        self.counters[_D_UNSUPPORTED] += 1
+        return DROP

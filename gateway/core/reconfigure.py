@@ -1,0 +1,234 @@
+"""Changing the table's shape while flows live: reload, tier moves, excluded
+ports and the release of silent standalone backends (docs/model.md, "Resizing").
+
+Every change keeps the flows it does not affect. A move into a higher tier
+halves every block on the address and ends the flows on the reclaimed ports;
+a move into a lower tier grows every block and ends nothing. Whatever ends
+is said in one ``ports_reclaimed`` event per address and reason.
+"""
+
+from __future__ import annotations
+
+from gateway.core.address import AddressKind, Backend, PublicAddress, Scenario, ip_str, new_pat_address
+from gateway.core.block import CHUNK_SHIFT, PortBlock
+from gateway.core.counters import END_COUNTER
+from gateway.core.events import PoolTierChanged, PortsReclaimed, ReclaimReason
+from gateway.core.flow import EndReason, timeout_for
+from gateway.core.lifecycle import FlowLifecycle
+from gateway.core.model import GatewayModel
+from gateway.core.scenario import plan
+from gateway.core.tier import ports_per_backend
+
+#: Keys of the summary :meth:`Reconfigure.reconfigure` returns (``config_reloaded``).
+SUMMARY_KEYS = ("addresses_added", "addresses_removed", "backends_added", "backends_removed", "tier_changes")
+
+
+class Reconfigure(FlowLifecycle):
+    """Applying a configuration, and every resize it or a standalone backend causes."""
+
+    def reconfigure(self, model: GatewayModel, now: float) -> dict[str, int]:
+        """Apply a (new) configuration, keeping every flow it does not affect.
+
+        Raises :class:`~gateway.core.errors.ModelError` before changing
+        anything when the model is not valid. Otherwise, in this order:
+        public addresses that go end all their flows; backends that leave or
+        change scenario or address end theirs; each PAT address moves to the
+        tier of its new member count; new backends get blocks; changed
+        timeouts re-arm live flows. Returns counts for ``config_reloaded``.
+        """
+        p = plan(model)
+        before = self._ended_total()
+        summary = dict.fromkeys(SUMMARY_KEYS, 0)
+        for ip, addr in list(self.addresses.items()):
+            ap = p.addresses.get(ip)
+            if ap is None or ap.kind != addr.kind:
+                summary["backends_removed"] += self._remove_address(addr)
+                summary["addresses_removed"] += 1
+            else:
+                addr.name = ap.name
+        gone: dict[int, list[Backend]] = {}
+        for bip, be in self.backends.items():
+            pl = p.placements.get(bip)
+            if be.scenario == Scenario.DEFAULT:
+                stale = pl is not None
+            else:
+                stale = pl is None or pl.scenario != be.scenario or pl.public_ip != be.address.ip
+            if stale:
+                gone.setdefault(be.address.ip, []).append(be)
+            elif pl is not None:
+                be.pool = pl.pool
+        for ip, bes in gone.items():
+            self._drop_backends(self.addresses[ip], bes, ReclaimReason.BACKEND_REMOVED)
+            summary["backends_removed"] += len(bes)
+        for ip, ap in p.addresses.items():
+            if ip not in self.addresses:
+                if ap.kind == AddressKind.INSTANCE_IP:
+                    self.addresses[ip] = PublicAddress(ip, ap.kind)
+                else:
+                    self.addresses[ip] = new_pat_address(
+                        ip, ap.kind, ap.name, ap.excluded, len(p.members(ip))
+                    )
+                summary["addresses_added"] += 1
+        for ip, addr in self.addresses.items():
+            if addr.layout is None:
+                continue
+            ap = p.addresses[ip]
+            if ap.excluded != addr.layout.excluded:
+                self._exclude(addr, ap.excluded)
+            count = len(p.members(ip)) if addr.kind == AddressKind.FRONTEND else len(addr.members)
+            if self._resize(addr, ports_per_backend(count), count):
+                summary["tier_changes"] += 1
+        for bip in sorted(p.placements):
+            if bip in self.backends:
+                continue
+            pl = p.placements[bip]
+            addr = self.addresses[pl.public_ip]
+            block = None
+            if pl.scenario != Scenario.INSTANCE_IP and addr.layout is not None:
+                block = PortBlock(addr.ip, addr.layout.take(addr.layout.size >> CHUNK_SHIFT) or [])
+            self._add_backend(Backend(bip, pl.scenario, addr, block, pl.pool))
+            summary["backends_added"] += 1
+        self.defaults = [self.addresses[ip] for ip in p.defaults]
+        self.pool_frontend = p.pool_frontend
+        if model.timeouts != self.timeouts:
+            for flows in self.inside.values():
+                for f in flows.values():
+                    f.timeout = timeout_for(f.state, model.timeouts)
+                    self.wheel.schedule(f, f.last_seen + f.timeout)
+        self.model = model
+        self.timeouts = model.timeouts
+        summary["flows_ended"] = self._ended_total() - before
+        return summary
+
+    def _ended_total(self) -> int:
+        return sum(self.counters[c] for c in END_COUNTER.values())
+
+    def _add_backend(self, be: Backend) -> None:
+        be.address.members[be.ip] = be
+        self.backends[be.ip] = be
+
+    def _remove_backend(self, be: Backend) -> int:
+        """End every flow of ``be`` and give its block back; returns how many flows ended."""
+        ended = len(be.flows)
+        for f in list(be.flows):
+            self.end_flow(f, EndReason.REMOVED)
+        addr = be.address
+        if be.block is not None and addr.layout is not None:
+            addr.layout.give(be.block.chunks)
+        addr.members.pop(be.ip, None)
+        self.backends.pop(be.ip, None)
+        return ended
+
+    def _drop_backends(self, addr: PublicAddress, backends: list[Backend], reason: ReclaimReason) -> None:
+        """Remove ``backends`` of ``addr`` (their flows end, their blocks go back) and
+        say so in one ``ports_reclaimed`` event."""
+        flows = ports = 0
+        for be in backends:
+            ports += be.block.size if be.block is not None else 0
+            flows += self._remove_backend(be)
+        self._reclaimed(addr, reason, flows, ports, len(backends))
+
+    def _remove_address(self, addr: PublicAddress) -> int:
+        """End every flow through ``addr`` and forget it; returns how many backends it had."""
+        backends = list(addr.members.values())
+        self._drop_backends(addr, backends, ReclaimReason.ADDRESS_REMOVED)
+        del self.addresses[addr.ip]
+        return len(backends)
+
+    def _reclaimed(
+        self, addr: PublicAddress, reason: ReclaimReason, flows: int, ports: int, backends: int
+    ) -> None:
+        self.events.append(PortsReclaimed(ip_str(addr.ip), addr.name, reason, backends, ports, flows))
+
+    def _end_on_chunks(self, be: Backend, chunks: set[int]) -> int:
+        """End ``be``'s flows on ports of ``chunks`` (reclaimed); returns how many."""
+        block = be.block
+        doomed = [f for f in be.flows if f.block is block and f.public_port >> CHUNK_SHIFT in chunks]
+        for f in doomed:
+            self.end_flow(f, EndReason.RECLAIMED)
+        return len(doomed)
+
+    def _resize(self, addr: PublicAddress, size: int, backends: int) -> bool:
+        """Move ``addr`` to the tier whose block size is ``size``; False if it is there.
+
+        Smaller blocks keep their first chunks and the flows there; larger
+        ones append chunks, next to the block when they are free.
+        """
+        layout = addr.layout
+        assert layout is not None
+        old = layout.size
+        if size == old:
+            return False
+        layout.size = size
+        self.tier_changes += 1
+        want = size >> CHUNK_SHIFT
+        flows = ports = 0
+        members = sorted(addr.members.values(), key=lambda b: b.ip)
+        for be in members:
+            block = be.block
+            if block is None:
+                continue
+            if len(block.chunks) > want:
+                leaving = block.chunks[want:]
+                flows += self._end_on_chunks(be, set(leaving))
+                block.retile(block.chunks[:want])
+                layout.give(leaving)
+                ports += len(leaving) << CHUNK_SHIFT
+            elif len(block.chunks) < want:
+                extra = layout.take(want - len(block.chunks), block.chunks[-1] if block.chunks else -1)
+                if extra is not None:
+                    block.retile(block.chunks + extra)
+        self.events.append(
+            PoolTierChanged(ip_str(addr.ip), addr.name, addr.kind, backends, old, size, addr.tier)
+        )
+        if size < old:
+            self._reclaimed(addr, ReclaimReason.TIER_CHANGE, flows, ports, len(members))
+        return True
+
+    def _exclude(self, addr: PublicAddress, excluded: frozenset[int]) -> None:
+        """New excluded ports (an LB rule's frontend port) take their chunk out of
+        any block holding it; the block gets a free chunk in its place."""
+        layout = addr.layout
+        assert layout is not None
+        newly = layout.set_excluded(excluded)
+        flows = ports = backends = 0
+        for be in addr.members.values():
+            block = be.block
+            if block is None:
+                continue
+            hit = newly & set(block.chunks)
+            if not hit:
+                continue
+            backends += 1
+            flows += self._end_on_chunks(be, hit)
+            ports += len(hit) << CHUNK_SHIFT
+            kept = [c for c in block.chunks if c not in hit]
+            block.retile(kept + (layout.take(len(hit)) or []))
+        if ports:
+            self._reclaimed(addr, ReclaimReason.PORT_EXCLUDED, flows, ports, backends)
+
+    def _release_vacant(self, now: float) -> None:
+        """Give the blocks of long-silent standalone backends back to their default
+        address, which may then fall to a lower tier and grow every other block
+        (a shrinking pool ends no flow). A backend that speaks again later is
+        placed afresh, like a new one."""
+        idle = self.timeouts.idle
+        released: dict[int, list[Backend]] = {}
+        due = float("inf")
+        for ip, be in list(self._vacant.items()):
+            since = be.vacant_since
+            if be.flows or since is None or self.backends.get(ip) is not be:
+                del self._vacant[ip]
+                be.vacant_since = None
+            elif since + idle <= now:
+                del self._vacant[ip]
+                released.setdefault(be.address.ip, []).append(be)
+            else:
+                due = min(due, since + idle)
+        self._vacant_due = due
+        for ip, bes in released.items():
+            addr = self.addresses[ip]
+            self._drop_backends(addr, bes, ReclaimReason.BACKEND_IDLE)
+            if addr.layout is not None:
+                count = len(addr.members)
+                self._resize(addr, ports_per_backend(count), count)

@@ -1,0 +1,68 @@
+"""The data of a translation table, shared by the modules that work on it.
+
+:class:`~gateway.core.table.TranslationTable` is one object whose code is split
+by job, the way VPP splits NAT44-ED into files over one shared structure. Each
+job is a class in a module of its own, and each calls only the jobs below it:
+
+====================  =====================================================
+``state``             the data (this module)
+``lifecycle``         a flow starts, changes TCP state, expires, ends
+``reconfigure``       reload, tier moves, excluded ports, idle release
+``placement``         which backend a new inside source is, standalone placement
+``icmp_error``        ICMP errors about a flow, both ways
+``in2out``            the per-packet path from a backend to the outside
+``out2in``            the per-packet path back to a backend
+``table``             the whole, with the timers and the counters' view
+====================  =====================================================
+
+A chain of classes rather than objects holding each other keeps the
+per-packet path at one attribute lookup per table field, as before the split.
+"""
+
+from __future__ import annotations
+
+from gateway.core.address import Backend, PublicAddress
+from gateway.core.counters import Counter
+from gateway.core.events import Event
+from gateway.core.flow import Flow
+from gateway.core.header import Buffer
+from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
+from gateway.core.wheel import TimerWheel
+
+__all__ = ["Buffer", "FlowMap", "TableState"]
+
+#: Flows of one protocol by one of their keys.
+FlowMap = dict[bytes, Flow]
+
+
+class TableState:
+    """Every field of the table; no behaviour.
+
+    ``inside[proto]`` maps inside keys (what an in2out packet carries) to
+    flows, ``outside[proto]`` outside keys (what an out2in packet carries);
+    every flow is in both, under the keys it owns (:mod:`gateway.core.flow`).
+    """
+
+    def __init__(self, model: GatewayModel, now: float) -> None:
+        self.model = model
+        self.timeouts = model.timeouts
+        self.addresses: dict[int, PublicAddress] = {}
+        self.backends: dict[int, Backend] = {}
+        #: The default SNAT addresses, in configuration order (scenario 3).
+        self.defaults: list[PublicAddress] = []
+        self.pool_frontend: dict[str, str] = {}
+        self.wheel = TimerWheel(now)
+        self.counters = [0] * len(Counter)
+        self.events: list[Event] = []
+        self.tier_changes = 0
+        #: Standalone backends whose last flow ended, and the earliest time one may go.
+        self._vacant: dict[int, Backend] = {}
+        self._vacant_due = float("inf")
+        self.inside: dict[int, FlowMap] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
+        self.outside: dict[int, FlowMap] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
+        self._tcp_inside = self.inside[PROTO_TCP]
+        self._udp_inside = self.inside[PROTO_UDP]
+        self._icmp_inside = self.inside[PROTO_ICMP]
+        self._tcp_outside = self.outside[PROTO_TCP]
+        self._udp_outside = self.outside[PROTO_UDP]
+        self._icmp_outside = self.outside[PROTO_ICMP]
