@@ -12,16 +12,20 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(VENV)" $(APT_PKGS)
 	touch $(STAMP)
 
+# ruff; mypy on the whole package (pyproject.toml), then strict on the pure core.
 lint: setup
 	$(VENV)/bin/ruff check gateway tests scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict gateway/core
 
+# tests/unit: needs no privileges and no network namespaces (setup may need root once).
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
 integration: setup
 	$(VENV)/bin/pytest -q tests/integration
 
+# The CI entry (.ci/run): lint, then every test, unit and integration.
 test: setup lint
 	$(VENV)/bin/pytest -q tests
 
