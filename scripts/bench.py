@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -29,10 +28,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway.lab.topology import (  # noqa: E402
-    FRONTEND_IP,
-    GW_OUT_IF,
-    POOL_MEMBERS,
-    SERVER,
-    LabNames,
-    lab_down,
-    lab_up,
-    ns_popen,
-    ns_run,
+from gateway.lab.clients import (  # noqa: E402
+    iperf3_client,
+    iperf3_json,
+    iperf3_server,
+    wait_listening,
 )
+from gateway.lab.gatewayproc import GatewayLauncher, GatewayProc  # noqa: E402
+from gateway.lab.layout import FRONTEND_IP, POOL_MEMBERS, SERVER, LabNames  # noqa: E402
+from gateway.lab.netns import LabError, ns_run  # noqa: E402
+from gateway.lab.procs import ProcessSet  # noqa: E402
+from gateway.lab.topology import LabBusy, kernel_nat, lab_down, lab_lock, lab_up  # noqa: E402
 
 # pyroute2 (used by the lab) forks short-lived children; let them die on SIGTERM instead
 # of running this script's handler (see main()).
@@ -102,129 +99,16 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class BenchError(RuntimeError):
+class BenchError(LabError):
     """A step of the benchmark failed (not a missed target: something broke)."""
 
 
-# --------------------------------------------------------------------------- processes
-
-
-class Procs:
-    """Every process this script started, so that each can be stopped by its own pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def add(self, p: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(3.0)
-        if p in self.procs and p.poll() is not None:
-            self.procs.remove(p)
-        return p.returncode
-
-    def stop_all(self) -> None:
-        for p in reversed(list(self.procs)):
-            self.stop(p)
-
-
-PROCS = Procs()
+#: Every process this script started, so that each can be stopped by its own pid.
+PROCS = ProcessSet()
 
 
 def start(ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-    kw.setdefault("stdin", subprocess.DEVNULL)
-    kw.setdefault("stdout", subprocess.DEVNULL)
-    kw.setdefault("stderr", subprocess.DEVNULL)
-    return PROCS.add(ns_popen(ns, list(argv), **kw))
-
-
-def wait_listening(ns: str, proto: str, ports: Sequence[int], timeout: float = 10.0) -> None:
-    flag = "-Hltn" if proto == "tcp" else "-Hlun"
-    want = {f":{p}" for p in ports}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = ns_run(ns, ["ss", flag], check=False, timeout=5).stdout.decode()
-        seen = {w for w in want if any(line.split()[3].endswith(w) for line in out.splitlines()
-                                       if len(line.split()) > 3)}
-        if seen == want:
-            return
-        time.sleep(0.05)
-    raise BenchError(f"{proto} servers on {sorted(ports)} in {ns} not listening after {timeout}s")
-
-
-# --------------------------------------------------------------------------- the gateway
-
-
-@dataclass
-class Gateway:
-    """``snatgw run`` in the gateway namespace, with its JSON log collected."""
-
-    ns: str
-    config: Path
-    proc: subprocess.Popen[bytes] | None = None
-    lines: list[str] = field(default_factory=list)
-    ready: threading.Event = field(default_factory=threading.Event)
-    reader: threading.Thread | None = None
-
-    def argv(self) -> list[str]:
-        exe = Path(sys.executable).with_name("snatgw")
-        if exe.exists():
-            return [str(exe), "run", "--config", str(self.config)]
-        return [sys.executable, "-m", "gateway", "run", "--config", str(self.config)]
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if '"gateway_ready"' in line:
-                self.ready.set()
-
-    def start(self, timeout: float = 20.0) -> dict[str, Any]:
-        self.proc = start(self.ns, self.argv(), stderr=subprocess.PIPE)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        deadline = time.monotonic() + timeout
-        while not self.ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self.lines[-20:])
-                raise BenchError(f"snatgw did not become ready (rc {self.proc.returncode}):\n{tail}")
-        return self.event("gateway_ready") or {}
-
-    def event(self, name: str) -> dict[str, Any] | None:
-        for rec in self.records():
-            if rec.get("event") == name:
-                return rec
-        return None
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict):
-                    out.append(rec)
-        return out
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        rc = PROCS.stop(self.proc, timeout=15.0)
-        if self.reader is not None:
-            self.reader.join(5.0)
-        return rc
+    return PROCS.start(ns, argv, **kw)
 
 
 def queue_stats(ns: str) -> dict[str, int]:
@@ -243,25 +127,10 @@ def queue_stats(ns: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- loads
 
 
-def _iperf_json(res_stdout: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(res_stdout)
-    except ValueError as exc:
-        raise BenchError(f"{what}: iperf3 printed no JSON: {res_stdout[-500:]!r}") from exc
-    if doc.get("error"):
-        raise BenchError(f"{what}: iperf3: {doc['error']}")
-    return doc
-
-
 def measure_tcp_bulk(lab: LabNames, duration: float) -> dict[str, Any]:
-    res = ns_run(
-        lab.be,
-        ["iperf3", "-c", SERVER, "-B", BACKEND, "-p", str(IPERF_PORTS[0]), "-t", str(duration),
-         "-J"],
-        check=False,
-        timeout=duration + 25,
-    )
-    doc = _iperf_json(res.stdout, "tcp bulk")
+    res = ns_run(lab.be, iperf3_client(SERVER, BACKEND, IPERF_PORTS[0], duration),
+                 check=False, timeout=duration + 25)
+    doc = iperf3_json(res.stdout, "tcp bulk")
     end = doc["end"]
     return {
         "receiver_mbit_s": end["sum_received"]["bits_per_second"] / 1e6,
@@ -275,8 +144,7 @@ def measure_udp_pps(lab: LabNames, duration: float, streams: int, length: int) -
     """``streams`` iperf3 clients in parallel (separate processes, so separate cores)."""
     procs = []
     for port in IPERF_PORTS[:streams]:
-        argv = ["iperf3", "-c", SERVER, "-B", BACKEND, "-p", str(port), "-u", "-l", str(length),
-                "-b", "0", "-t", str(duration), "-J", "--get-server-output"]
+        argv = iperf3_client(SERVER, BACKEND, port, duration, udp_length=length)
         procs.append(start(lab.be, argv, stdout=subprocess.PIPE))
     outs = []
     try:
@@ -292,7 +160,7 @@ def measure_udp_pps(lab: LabNames, duration: float, streams: int, length: int) -
     received = sent = lost = 0
     seconds = 0.0
     for out in outs:
-        doc = _iperf_json(out, "udp pps")
+        doc = iperf3_json(out, "udp pps")
         sent += int(doc["end"]["sum"]["packets"])
         srv = doc.get("server_output_json")
         if not srv:
@@ -359,36 +227,21 @@ def measure_rtt(lab: LabNames, count: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- modes
 
 
-def kernel_setup(lab: LabNames) -> Callable[[], None]:
-    gw = lab.gw
-    rule = ["-o", GW_OUT_IF, "-s", BACKEND, "-j", "SNAT", "--to-source", FRONTEND_IP]
-    ns_run(gw, ["ip", "addr", "add", f"{FRONTEND_IP}/32", "dev", GW_OUT_IF])
-    ns_run(gw, ["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", *rule])
-    ns_run(gw, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-
-    def undo() -> None:
-        ns_run(gw, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=False)
-        ns_run(gw, ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", *rule], check=False)
-        ns_run(gw, ["ip", "addr", "del", f"{FRONTEND_IP}/32", "dev", GW_OUT_IF], check=False)
-
-    return undo
-
-
 def start_servers(lab: LabNames, udp_streams: int) -> None:
     ports = IPERF_PORTS[:max(1, udp_streams)]
     for port in ports:
-        start(lab.inet, ["iperf3", "-s", "-J", "-B", SERVER, "-p", str(port)])
+        start(lab.inet, iperf3_server(SERVER, port))
     start(lab.inet, [sys.executable, str(HELPER), "accept-server", "--bind", SERVER,
                      "--port", str(ACCEPT_PORT)])
     start(lab.inet, [sys.executable, str(HELPER), "echo-server", "--bind", SERVER,
                      "--port", str(ECHO_PORT)])
-    wait_listening(lab.inet, "tcp", [*ports, ACCEPT_PORT])
-    wait_listening(lab.inet, "udp", [ECHO_PORT])
+    wait_listening(lab.inet, [*ports, ACCEPT_PORT], "tcp")
+    wait_listening(lab.inet, [ECHO_PORT], "udp")
 
 
-def collect_gateway(gateway: Gateway, result: dict[str, Any], mode: str) -> None:
+def collect_gateway(gateway: GatewayProc, result: dict[str, Any], mode: str) -> None:
     """Stop snatgw (SIGTERM) and keep its exit status, final counters and warnings."""
-    rc = gateway.stop()
+    rc = gateway.stop(timeout=15.0)
     stopped = gateway.event("gateway_stopped")
     result["gateway_rc"] = rc
     result["gateway_stopped"] = stopped
@@ -397,7 +250,7 @@ def collect_gateway(gateway: Gateway, result: dict[str, Any], mode: str) -> None
     if rc != 0 or stopped is None:
         seen = "yes" if stopped else "no"
         result["errors"]["gateway"] = f"snatgw exited {rc}, gateway_stopped seen: {seen}"
-        tail = "\n".join(gateway.lines[-10:])
+        tail = "\n".join(gateway.log_text().splitlines()[-10:])
         log(f"{mode}: snatgw exit {rc}; last log lines:\n{tail}")
 
 
@@ -406,8 +259,8 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"mode": mode, "errors": {}}
     log(f"{mode}: building lab {args.prefix}")
     lab = lab_up(args.prefix, whoami=False)
-    gateway: Gateway | None = None
-    undo: Callable[[], None] | None = None
+    gateway: GatewayProc | None = None
+    undo = contextlib.ExitStack()
     try:
         start_servers(lab, args.udp_streams)
         # Room for the connect/close clients' TIME_WAIT ports (they close first), and let
@@ -415,13 +268,13 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         ns_run(lab.be, ["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=10000 65000",
                         "net.ipv4.tcp_tw_reuse=1"])
         if mode == "kernel":
-            undo = kernel_setup(lab)
+            snat = ["-s", BACKEND, "-j", "SNAT", "--to-source", FRONTEND_IP]
+            undo.enter_context(kernel_nat(lab, snat, address=FRONTEND_IP))
         else:
-            cfg = tmp / "bench.toml"
-            cfg.write_text(BENCH_CONFIG.format(queue=args.queue, fin_linger=args.fin_linger,
-                                               backend=BACKEND, frontend=FRONTEND_IP))
-            gateway = Gateway(lab.gw, cfg)
-            ready = gateway.start()
+            config = BENCH_CONFIG.format(queue=args.queue, fin_linger=args.fin_linger,
+                                         backend=BACKEND, frontend=FRONTEND_IP)
+            gateway = GatewayLauncher(lab.gw, tmp, PROCS).start(config, ready_timeout=20.0)
+            ready = gateway.event("gateway_ready") or {}
             result["gateway_ready"] = ready
             log(f"{mode}: gateway ready (public {ready.get('public_ips')})")
 
@@ -441,7 +294,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 t0 = time.monotonic()
                 try:
                     r = fn()
-                except (BenchError, subprocess.SubprocessError, ValueError, KeyError,
+                except (LabError, subprocess.SubprocessError, ValueError, KeyError,
                         OSError) as exc:
                     result["errors"][name] = str(exc)
                     log(f"{mode}: {name} FAILED: {exc}")
@@ -452,7 +305,9 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 r["wall_s"] = round(time.monotonic() - t0, 2)
                 runs.append(r)
                 log(f"{mode}: {name}: {summary(name, r)}")
-                time.sleep(0.3)  # let the previous load's stragglers drain
+                # A pause between loads on purpose: the previous load's stragglers (late
+                # packets, closing connections) drain before the next one is measured.
+                time.sleep(0.3)
             if runs:
                 key, higher = BEST[name]
                 best = (max if higher else min)(runs, key=lambda r, k=key: r[k])
@@ -461,8 +316,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         try:
             if gateway is not None:
                 collect_gateway(gateway, result, mode)
-            if undo is not None:
-                undo()
+            undo.close()
         finally:
             PROCS.stop_all()
             lab_down(args.prefix)
@@ -651,14 +505,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 2
-    lock_path = Path(f"/run/snatgw-bench-{args.prefix}.lock")
-    lock = open(lock_path, "w")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"bench: another bench with prefix {args.prefix} is running", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lab_lock(args.prefix))  # held for the whole run
+        except LabBusy:
+            print(f"bench: another bench with prefix {args.prefix} is running", file=sys.stderr)
+            return 2
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Every mode in a fresh lab, then the report; cleans up on every exit path."""
     main_pid = os.getpid()
 
     # pyroute2 forks helper processes into the namespaces; they inherit this process's

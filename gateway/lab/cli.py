@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.lab import topology as t
+from gateway.lab import layout as t
+from gateway.lab.netns import LabError
+from gateway.lab.topology import lab_down, lab_up
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,14 +41,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
     """Run ``lab up`` or ``lab down``; prints a short how-to after ``up``."""
     try:
         if args.action == "down":
-            t.lab_down(args.prefix)
+            lab_down(args.prefix)
             print(f"lab {args.prefix}: down")
             return 0
         extras = t.extra_backend_addresses(args.extra_backends)
-        lab = t.lab_up(
-            args.prefix, extra_backends=extras, mtu=args.mtu, whoami=not args.no_whoami
-        )
-    except (t.LabError, ValueError, OSError) as exc:
+        lab = lab_up(args.prefix, extra_backends=extras, mtu=args.mtu, whoami=not args.no_whoami)
+    except (LabError, ValueError, OSError) as exc:
         print(f"snatgw lab {args.action}: {exc}", file=sys.stderr)
         return 1
     print(summary(lab, extras, whoami=not args.no_whoami))

@@ -18,175 +18,46 @@ is ever attached to the host's own interfaces and several labs can exist side by
   silently "working".
 
 The whoami echo service (``gateway.lab.whoami``) runs daemonised in ``inet``; its pid file
-and JSON log live in :func:`state_dir`.
+and JSON log live in :func:`gateway.lab.layout.state_dir`.  Addresses and names are in
+:mod:`gateway.lab.layout`; this module changes the system (root).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import fcntl
 import os
-import re
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import NetNS, netns
 
-INSIDE_GW = "10.10.0.1"
-INSIDE_PREFIXLEN = 16
-POOL_MEMBERS = ("10.10.1.1", "10.10.1.2", "10.10.1.3")
-INSTANCE_BACKEND = "10.10.2.1"
-STANDALONE = ("10.10.3.1", "10.10.3.2")
-OUTSIDE_GW = "198.51.100.1"
-OUTSIDE_PREFIXLEN = 24
-SERVER = "198.51.100.2"
-SERVER2 = "198.51.100.3"
-FRONTEND_IP = "198.51.100.10"
-INSTANCE_PUBLIC = "198.51.100.20"
-DEFAULT_SNAT = ("198.51.100.30", "198.51.100.31")
-WHOAMI_HTTP_PORT = 80
-WHOAMI_UDP_PORT = 5000
-
-# Interface names inside the namespaces; identical in every lab (they live in different
-# namespaces, so they never clash).
-BE_IF = "be0"
-GW_IN_IF = "in0"
-GW_OUT_IF = "out0"
-INET_IF = "eth0"
-
-STATE_ROOT = Path("/run/snatgw-lab")
-
-# Extra backends: 10.10.100.1 .. 10.10.100.250, 10.10.101.1 .. 10.10.101.250, ...
-# (250 per /24 so that .0 and .251-.255 are never used), up to 10.10.255.250.
-EXTRA_BASE_THIRD_OCTET = 100
-EXTRA_PER_OCTET = 250
-EXTRA_MAX = (256 - EXTRA_BASE_THIRD_OCTET) * EXTRA_PER_OCTET
-
-_PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")
-_WHOAMI_MODULE = "gateway.lab.whoami"
-
-
-@dataclass(frozen=True, slots=True)
-class LabNames:
-    """Namespace names of one lab; derived from the prefix so several labs can coexist."""
-
-    prefix: str
-    be: str
-    gw: str
-    inet: str
-
-
-class LabError(RuntimeError):
-    """The lab could not be built or torn down (the message says which step)."""
-
-
-class LabCommandError(subprocess.CalledProcessError):
-    """A command run in a namespace failed; unlike the base class, str() shows its stderr."""
-
-    def __str__(self) -> str:
-        base = super().__str__()
-        err = self.stderr.decode(errors="replace").strip() if self.stderr else ""
-        return f"{base}: {err[-2000:]}" if err else base
-
-
-def names(prefix: str = "snatgw") -> LabNames:
-    """Return the namespace names for ``prefix`` (no system change)."""
-    _check_prefix(prefix)
-    return LabNames(prefix=prefix, be=f"{prefix}-be", gw=f"{prefix}-gw", inet=f"{prefix}-inet")
-
-
-def state_dir(prefix: str = "snatgw") -> Path:
-    """Directory holding the lab's whoami pid file and log (under /run, gone on reboot)."""
-    _check_prefix(prefix)
-    return STATE_ROOT / prefix
-
-
-def whoami_log_path(prefix: str = "snatgw") -> Path:
-    """JSON-lines log of every peer whoami saw: what the internet received."""
-    return state_dir(prefix) / "whoami.log"
-
-
-def whoami_pid_path(prefix: str = "snatgw") -> Path:
-    """Pid file written by the daemonised whoami once its sockets are bound."""
-    return state_dir(prefix) / "whoami.pid"
-
-
-def extra_backend_addresses(count: int) -> tuple[str, ...]:
-    """The documented extra-backend scheme: 10.10.100.1.., 250 addresses per third octet.
-
-    Deterministic so that a config naming ``extra_backend_addresses(57)`` matches the lab
-    brought up with the same count.
-    """
-    if count < 0 or count > EXTRA_MAX:
-        raise ValueError(f"extra backend count must be in 0..{EXTRA_MAX}, got {count}")
-    return tuple(
-        f"10.10.{EXTRA_BASE_THIRD_OCTET + i // EXTRA_PER_OCTET}.{i % EXTRA_PER_OCTET + 1}"
-        for i in range(count)
-    )
-
-
-def backend_addresses(extra_backends: Sequence[str] = ()) -> tuple[str, ...]:
-    """All addresses put on be0, in order: pool members first (so 10.10.1.1 is primary)."""
-    base = (*POOL_MEMBERS, INSTANCE_BACKEND, *STANDALONE)
-    inside = ipaddress.ip_network(f"{INSIDE_GW}/{INSIDE_PREFIXLEN}", strict=False)
-    seen = set(base)
-    out = list(base)
-    for raw in extra_backends:
-        addr = ipaddress.IPv4Address(raw)
-        text = str(addr)
-        if addr not in inside or text == INSIDE_GW or addr in (inside.network_address,
-                                                              inside.broadcast_address):
-            raise ValueError(f"extra backend {text} is not a usable host of {inside}")
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return tuple(out)
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def ns_run(
-    ns: str,
-    argv: Sequence[str],
-    *,
-    check: bool = True,
-    timeout: float = 30,
-    input: bytes | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` inside namespace ``ns`` and capture its output (bounded by ``timeout``).
-
-    ``ip netns exec`` execs the program in place, so a timeout kills the program itself.
-    With ``check`` a failure raises :class:`LabCommandError` carrying stderr.
-    """
-    cmd = ["ip", "netns", "exec", ns, *argv]
-    res = subprocess.run(
-        cmd,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and res.returncode != 0:
-        raise LabCommandError(res.returncode, cmd, res.stdout, res.stderr)
-    return res
-
-
-def ns_popen(ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in namespace ``ns``; the returned pid is the program's own pid."""
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)
-
-
-def _sysctl(ns: str, settings: dict[str, str | int]) -> None:
-    ns_run(ns, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())], timeout=10)
-
+from gateway.lab.layout import (
+    BE_IF,
+    GW_IN_IF,
+    GW_OUT_IF,
+    INET_IF,
+    INSIDE_GW,
+    INSIDE_PREFIXLEN,
+    OUTSIDE_GW,
+    OUTSIDE_PREFIXLEN,
+    SERVER,
+    SERVER2,
+    STATE_ROOT,
+    WHOAMI_HTTP_PORT,
+    WHOAMI_MODULE,
+    WHOAMI_UDP_PORT,
+    LabNames,
+    backend_addresses,
+    check_prefix,
+    names,
+    state_dir,
+    whoami_log_path,
+    whoami_pid_path,
+)
+from gateway.lab.netns import LabError, list_netns, ns_pids, ns_run, sysctl
+from gateway.lab.procs import poll_until, stop_daemon
 
 # --------------------------------------------------------------------------- up / down
 
@@ -231,11 +102,11 @@ def lab_down(prefix: str = "snatgw") -> None:
     _require_root()
     lab = names(prefix)
     _stop_whoami(prefix)
-    existing = set(_list_netns())
+    existing = set(list_netns())
     for ns in (lab.be, lab.gw, lab.inet):
         if ns not in existing:
             continue
-        stray = _ns_pids(ns)
+        stray = ns_pids(ns)
         if stray:
             print(
                 f"snatgw lab: warning: processes still in namespace {ns}: "
@@ -256,8 +127,72 @@ def lab_down(prefix: str = "snatgw") -> None:
 def lab_exists(prefix: str = "snatgw") -> bool:
     """True when any of the lab's namespaces exists."""
     lab = names(prefix)
-    existing = set(_list_netns())
+    existing = set(list_netns())
     return any(ns in existing for ns in (lab.be, lab.gw, lab.inet))
+
+
+class LabBusy(LabError):
+    """Another run holds the lab's lock (see :func:`lab_lock`)."""
+
+
+@contextlib.contextmanager
+def lab_lock(prefix: str = "snatgw", *, wait: float = 0.0) -> Iterator[None]:
+    """Hold the lock of lab ``prefix`` for as long as a run uses that lab.
+
+    ``lab_up`` replaces a lab of the same prefix, so two runs (two test sessions, a test
+    and a benchmark) must never use one prefix at once: the second waits up to ``wait``
+    seconds for the first, then raises :class:`LabBusy`.  The lock is a ``flock`` on a
+    file next to the state directory, so it is released when its holder dies.
+    """
+    check_prefix(prefix)
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    path = STATE_ROOT / f"{prefix}.lock"
+    with path.open("w") as fh:
+
+        def take() -> bool:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        if not poll_until(take, wait, interval=0.2):
+            raise LabBusy(f"lab {prefix} is in use by another run (lock {path})")
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def kernel_nat(
+    lab: LabNames, rule: Sequence[str] = (), *, address: str | None = None
+) -> Iterator[None]:
+    """The kernel's own forwarding in the gateway namespace, optionally with one NAT rule
+    (``iptables -t nat -A POSTROUTING -o out0 RULE``) and a public ``address`` on out0.
+
+    The lab's self-test and the benchmark's baseline; never used with snatgw running.
+    Whatever was set up is undone in reverse order on exit, also after a failure.
+    """
+    steps: list[tuple[list[str], list[str]]] = []
+    if address is not None:
+        addr = ["addr", f"{address}/32", "dev", GW_OUT_IF]
+        steps.append((["ip", "addr", "add", *addr[1:]], ["ip", "addr", "del", *addr[1:]]))
+    if rule:
+        nat = ["iptables", "-w", "-t", "nat"]
+        post = ["POSTROUTING", "-o", GW_OUT_IF, *rule]
+        steps.append(([*nat, "-A", *post], [*nat, "-D", *post]))
+    fwd = ["sysctl", "-q", "-w"]
+    steps.append(([*fwd, "net.ipv4.ip_forward=1"], [*fwd, "net.ipv4.ip_forward=0"]))
+    undo: list[list[str]] = []
+    try:
+        for do, un in steps:
+            ns_run(lab.gw, do)
+            undo.append(un)
+        yield
+    finally:
+        for un in reversed(undo):
+            ns_run(lab.gw, un, check=False)
 
 
 def _build(lab: LabNames, addrs: Sequence[str], mtu: int) -> None:
@@ -278,8 +213,8 @@ def _build(lab: LabNames, addrs: Sequence[str], mtu: int) -> None:
         "net.ipv4.conf.all.rp_filter": 0,
         "net.ipv4.conf.default.rp_filter": 0,
     }
-    _sysctl(lab.be, {**common, f"net.ipv4.conf.{BE_IF}.rp_filter": 0})
-    _sysctl(
+    sysctl(lab.be, {**common, f"net.ipv4.conf.{BE_IF}.rp_filter": 0})
+    sysctl(
         lab.gw,
         {
             **common,
@@ -288,7 +223,7 @@ def _build(lab: LabNames, addrs: Sequence[str], mtu: int) -> None:
             "net.ipv4.ip_forward": 0,
         },
     )
-    _sysctl(lab.inet, {**common, f"net.ipv4.conf.{INET_IF}.rp_filter": 0})
+    sysctl(lab.inet, {**common, f"net.ipv4.conf.{INET_IF}.rp_filter": 0})
 
     with NetNS(lab.gw) as gw:
         _lo_up(gw)
@@ -344,7 +279,7 @@ def _start_whoami(lab: LabNames) -> None:
     argv = [
         sys.executable,
         "-m",
-        _WHOAMI_MODULE,
+        WHOAMI_MODULE,
         "--http-port",
         str(WHOAMI_HTTP_PORT),
         "--udp-port",
@@ -377,7 +312,7 @@ def _whoami_pid(prefix: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    if _WHOAMI_MODULE.encode() not in cmdline or str(pid_path).encode() not in cmdline:
+    if WHOAMI_MODULE.encode() not in cmdline or str(pid_path).encode() not in cmdline:
         return None  # pid reused by an unrelated process: not ours to signal
     return pid
 
@@ -386,54 +321,11 @@ def _stop_whoami(prefix: str) -> None:
     pid = _whoami_pid(prefix)
     if pid is None:
         return
-    _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, 3.0):
-        _signal(pid, signal.SIGKILL)
-        _wait_gone(pid, 3.0)
+    stop_daemon(pid)
     whoami_pid_path(prefix).unlink(missing_ok=True)
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _list_netns() -> list[str]:
-    try:
-        return sorted(os.listdir(netns.NETNS_RUN_DIR))
-    except FileNotFoundError:
-        return []
-
-
-def _ns_pids(ns: str) -> list[int]:
-    res = subprocess.run(
-        ["ip", "netns", "pids", ns], capture_output=True, timeout=10, check=False
-    )
-    return [int(x) for x in res.stdout.split() if x.isdigit()]
-
-
-def _check_prefix(prefix: str) -> None:
-    if not _PREFIX_RE.match(prefix):
-        raise ValueError(
-            f"lab prefix {prefix!r} must be 1-20 chars of [a-z0-9_-], "
-            "starting with a letter or digit"
-        )
 
 
 def _require_root() -> None:

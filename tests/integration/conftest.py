@@ -7,7 +7,9 @@ Fixture API
 -----------
 ``lab`` (module)           LabNames of a fresh lab; prefix ``sgt-<module>``; module
                            attributes ``LAB_EXTRA_BACKENDS`` (int) and ``LAB_WHOAMI`` (bool)
-                           tune it.  Torn down by a finalizer even when tests fail.
+                           tune it.  Held under the lab's lock (another session using the
+                           same prefix is waited for, up to LAB_LOCK_WAIT s) and torn down
+                           by a finalizer even when tests fail.
 ``lab_extra`` (module)     the extra backend addresses of that lab (tuple of str).
 ``whoami_log`` (module)    WhoamiLog of the lab (``mark()``, ``records(since)``, ``wait_for``).
 ``gateway`` (function)     GatewayFactory: ``gateway(toml_text) -> GatewayProc`` waits for
@@ -28,12 +30,16 @@ from typing import Any
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.topology import lab_down, lab_lock, lab_up
 from tests.integration import helpers as h
 
 REQUIRED_TOOLS = ("ip", "iptables", "iptables-save", "iperf3", "ping", "tcpdump", "curl", "nc",
                   "sysctl", "ss")
+
+#: How long a module waits for another test session (or a bench) using the same lab prefix.
+LAB_LOCK_WAIT = 600.0
 
 _created_prefixes: set[str] = set()
 
@@ -52,8 +58,16 @@ def _preflight() -> Iterator[None]:
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
     yield
+    # Safety net; each lab's own finalizer has normally done it.  Every lab is tried even
+    # if one fails to go away, and the first failure is reported at the end.
+    failures = []
     for prefix in sorted(_created_prefixes):
-        t.lab_down(prefix)  # safety net; each lab's own finalizer has normally done it
+        try:
+            lab_down(prefix)
+        except Exception as exc:
+            failures.append(f"{prefix}: {exc}")
+    if failures:
+        pytest.fail("labs left behind: " + "; ".join(failures), pytrace=False)
 
 
 def _module_prefix(request: pytest.FixtureRequest) -> str:
@@ -69,12 +83,13 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabNames]:
     prefix = _module_prefix(request)
     extra = t.extra_backend_addresses(int(getattr(request.module, "LAB_EXTRA_BACKENDS", 0)))
     whoami = bool(getattr(request.module, "LAB_WHOAMI", True))
-    _created_prefixes.add(prefix)
-    names = t.lab_up(prefix, extra_backends=extra, whoami=whoami)
-    try:
-        yield names
-    finally:
-        t.lab_down(prefix)
+    with lab_lock(prefix, wait=LAB_LOCK_WAIT):
+        _created_prefixes.add(prefix)
+        names = lab_up(prefix, extra_backends=extra, whoami=whoami)
+        try:
+            yield names
+        finally:
+            lab_down(prefix)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +100,13 @@ def lab_extra(request: pytest.FixtureRequest, lab: LabNames) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def whoami_log(lab: LabNames) -> h.WhoamiLog:
+    """Reader of this module's whoami log (what the internet host received)."""
     return h.WhoamiLog(t.whoami_log_path(lab.prefix))
 
 
 @pytest.fixture()
 def gateway(lab: LabNames, tmp_path: Any) -> Iterator[h.GatewayFactory]:
+    """Gateways for one test; each is stopped by its pid when the test ends, pass or fail."""
     factory = h.GatewayFactory(lab, tmp_path)
     try:
         yield factory
@@ -101,6 +118,7 @@ def gateway(lab: LabNames, tmp_path: Any) -> Iterator[h.GatewayFactory]:
 def module_gateway(
     lab: LabNames, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[h.GatewayFactory]:
+    """Gateways shared by a module's tests; stopped by pid when the module ends."""
     factory = h.GatewayFactory(lab, tmp_path_factory.mktemp("gateway"))
     try:
         yield factory
@@ -110,4 +128,5 @@ def module_gateway(
 
 @pytest.fixture(scope="session")
 def lab_config() -> Callable[..., str]:
+    """The config builder (deploy/examples/lab.toml with overrides)."""
     return h.lab_config

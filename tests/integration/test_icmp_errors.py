@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_popen, ns_run
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_popen, ns_run
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ def test_fragmentation_needed_reaches_the_backend_socket(lab: LabNames, gw: h.Ga
         ns_run(lab.inet, [h.PYTHON, "-c", INJECT, pub, str(pport), t.SERVER], timeout=30)
         out, err = client.communicate(timeout=15)
     finally:
-        h.stop_pid(client, timeout=3)
+        h.stop_process(client, timeout=3)
     assert out.decode().strip() == "1280", err.decode()[-2000:]
 
 
@@ -88,7 +88,9 @@ def test_backend_port_unreachable_leaves_with_the_public_tuple(lab: LabNames, gw
             },
         )
         pub, pport = h.parse_peer(out[-1]["data"])
-        time.sleep(1.8)  # the late push comes 1 s after the request, to a closed socket
+        # The late push comes 1 s after the request, to a socket the probe has closed by
+        # then: wait (bounded) for the backend's port unreachable to cross eth0.
+        h.poll_until(lambda: any("unreachable" in ln for ln in cap.current()), 5)
     unreachable = [ln for ln in cap.lines if "unreachable" in ln]
     assert unreachable, cap.lines
     line = unreachable[0]

@@ -10,8 +10,10 @@ import json
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_run
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_run
+from gateway.lab.topology import lab_down, lab_exists, lab_up
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -89,8 +91,7 @@ def test_kernel_masquerade_works_end_to_end(lab: LabNames, whoami_log: h.WhoamiL
         res = h.curl(lab, "10.10.1.1", f"http://{t.SERVER}/")
         assert res.returncode == 0, res.stderr
         assert h.parse_peer(res.stdout.decode())[0] == t.OUTSIDE_GW
-        ping = ns_run(lab.be, ["ping", "-c", "1", "-W", "2", "-I", "10.10.3.1", t.SERVER],
-                      check=False, timeout=10)
+        ping = h.ping(lab.be, "10.10.3.1", t.SERVER)
         assert ping.returncode == 0, ping.stdout
         out = h.probe(lab.be, {
             "sockets": [{"src": "10.10.2.1", "connect": [t.SERVER2, 5000]}],
@@ -131,19 +132,19 @@ def test_lab_up_is_idempotent_and_labs_coexist(lab: LabNames) -> None:
     """A second lab with another prefix coexists; up twice and down twice are harmless."""
     other = "sgt-labtwo"
     try:
-        t.lab_up(other, mtu=1400, whoami=False)
-        t.lab_up(other, mtu=1400)
-        assert t.lab_exists(other)
+        lab_up(other, mtu=1400, whoami=False)
+        lab_up(other, mtu=1400)
+        assert lab_exists(other)
         links = ns_run(f"{other}-gw", ["ip", "-o", "link", "show", "out0"]).stdout.decode()
         assert " mtu 1400 " in links
         res = ns_run(f"{other}-gw", ["curl", "-sS", "--max-time", "3", f"http://{t.SERVER}/"])
         assert res.stdout.decode().startswith(f"{t.OUTSIDE_GW}:")
         # the module's own lab is untouched
-        assert t.lab_exists(lab.prefix)
+        assert lab_exists(lab.prefix)
     finally:
-        t.lab_down(other)
-        t.lab_down(other)
-    assert not t.lab_exists(other)
+        lab_down(other)
+        lab_down(other)
+    assert not lab_exists(other)
     assert not t.state_dir(other).exists()
 
 
@@ -166,9 +167,9 @@ def test_cli_up_and_down(capsys: pytest.CaptureFixture[str]) -> None:
         assert "10.10.100.3/16" in be and "10.10.100.4/16" not in be
         args = parser.parse_args(["lab", "down", "--prefix", prefix])
         assert args.func(args) == 0
-        assert not t.lab_exists(prefix)
+        assert not lab_exists(prefix)
     finally:
-        t.lab_down(prefix)
+        lab_down(prefix)
 
 
 def test_whoami_log_lines_are_json(whoami_log: h.WhoamiLog) -> None:

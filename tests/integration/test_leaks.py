@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_run
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -86,8 +86,7 @@ def test_no_private_source_leaves_on_the_outside(
                           ["send", 1, None, 0, "y"], ["recv", 1, 2]],
             })
             assert "data" in out[2] and out[4].get("error") == "ConnectionRefusedError", out
-            ping = ns_run(lab.be, ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "-I", src,
-                                   t.SERVER], check=False, timeout=10)
+            ping = h.ping(lab.be, src, t.SERVER, count=2, interval=0.2)
             assert ping.returncode == 0, ping.stdout.decode()
     assert leak.lines == [], f"private sources on the outside: {leak.lines[:10]}"
     sources = {h.Capture.ip_source(ln) for ln in everything.lines}

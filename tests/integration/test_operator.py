@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_run
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_run
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -134,7 +135,7 @@ def test_port_use_and_exhaustion_in_the_cli_metrics_and_log(
             samples.update(gw.metrics(METRICS_PORT))
             return samples.get(used_key) == used
 
-        assert h.wait_until(lambda: metrics_show(first), 10, 0.2), {
+        assert h.poll_until(lambda: metrics_show(first), 10, interval=0.2), {
             k: v for k, v in samples.items() if BACKEND in k
         }
         assert samples.get(alloc_key) == BLOCK, samples.get(alloc_key)
@@ -171,7 +172,7 @@ def test_port_use_and_exhaustion_in_the_cli_metrics_and_log(
     assert stats["snat_connections"]["failed"] >= expected_fail, stats["snat_connections"]
     assert stats["counters"]["drop_exhausted"] >= expected_fail, stats["counters"]
 
-    assert h.wait_until(lambda: metrics_show(BLOCK), 10, 0.2), {
+    assert h.poll_until(lambda: metrics_show(BLOCK), 10, interval=0.2), {
         k: v for k, v in samples.items() if BACKEND in k
     }
     assert samples.get(exh_key, 0) >= expected_fail, samples.get(exh_key)

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration

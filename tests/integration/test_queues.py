@@ -6,8 +6,9 @@ import hashlib
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_popen, ns_run
+from gateway.lab import clients
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -18,21 +19,8 @@ PAYLOAD_MB = 8
 def _bulk_transfer(lab: LabNames, src: str) -> tuple[str, str]:
     """Send PAYLOAD_MB of data from ``src`` with nc; return (sha sent, sha the server got)."""
     data = hashlib.sha256(b"seed").digest() * (PAYLOAD_MB * 32768)
-    server = ns_popen(
-        lab.inet,
-        ["sh", "-c", "nc -l -N -s 198.51.100.2 -p 7001 | sha256sum"],
-        stdout=-1,
-        stderr=-1,
-    )
-    try:
-        h.wait_listening(lab.inet, 7001)
-        ns_run(lab.be, ["nc", "-N", "-s", src, t.SERVER, "7001"], input=data, timeout=60)
-        out, _ = server.communicate(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(5)
-    return hashlib.sha256(data).hexdigest(), out.decode().split()[0]
+    got = clients.nc_transfer(lab.be, src, lab.inet, t.SERVER, 7001, data)
+    return hashlib.sha256(data).hexdigest(), got
 
 
 def test_tcp_uses_the_gso_queue_and_data_arrives_intact(lab: LabNames, gateway: h.GatewayFactory) -> None:

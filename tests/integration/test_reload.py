@@ -1,5 +1,5 @@
 """Reload (``snatgw reload`` and SIGHUP) and pool resizes, on the wire
-(OUTBOUND_MODEL.md, "Resizing"; issue 3, item 5).
+(docs/model.md, "Resizing"; issue 3, item 5).
 
 Each test keeps UDP flows open with whoami's ``PUSHLATER``: the server answers at
 once and pushes again a few seconds later, after the reload. A push that reaches
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_run
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -228,7 +229,7 @@ def test_a_rejected_reload_keeps_the_old_config_and_its_flows(
     assert all(e["config"] == str(gw.config_path) and e["problem"] for e in rejected)
     assert str(pushed.get("data", "")).startswith("late"), f"the flow must survive: {pushed}"
     assert h.parse_peer(str(pushed["data"]).split(" ", 1)[1]) == peer
-    assert h.wait_until(lambda: bool(gw.events("config_reloaded")), 5)
+    assert h.wait_until(lambda: bool(gw.events("config_reloaded")), 5, what="config_reloaded is logged")
     done = gw.events("config_reloaded")[0]
     assert done["flows_ended"] == 0 and done["tier_changes"] == 0 and done["source"] == "sighup"
     status = gw.ask("status")
@@ -242,7 +243,7 @@ def test_reload_puts_back_rule_jumps_a_firewall_flush_removed(
     restores them, says how many, and traffic is translated again."""
     gw = gateway(h.lab_config())
     for table, chain, ours in (("mangle", "POSTROUTING", "SNATGW-POST"), ("filter", "FORWARD", "SNATGW-FWD")):
-        t.ns_run(lab.gw, ["iptables", "-w", "-t", table, "-D", chain, "-j", ours], timeout=10)
+        ns_run(lab.gw, ["iptables", "-w", "-t", table, "-D", chain, "-j", ours], timeout=10)
     assert "-A POSTROUTING -j SNATGW-POST" not in h.iptables_save(lab)
     res = gw.reload(h.lab_config())
     assert res is not None and res.returncode == 0, res.stderr
@@ -264,7 +265,8 @@ def test_a_silent_standalone_backend_gives_its_block_back(
                            "steps": [["send", 0, t.SERVER, 5000, "x"], ["recv", 0, 3]]})
     assert h.parse_peer(str(out[-1]["data"]))[0] == t.DEFAULT_SNAT[0]
     assert [r["backend"] for r in gw.ask("ports") if r["scenario"] == "default"] == [standalone]
-    assert h.wait_until(lambda: not [r for r in gw.ask("ports") if r["scenario"] == "default"], 10)
+    assert h.wait_until(lambda: not [r for r in gw.ask("ports") if r["scenario"] == "default"], 10,
+                        what="no default-scenario backend is listed in `snatgw ports`")
     event = gw.wait_event("ports_reclaimed", 3)
     assert event is not None and event["reason"] == "backend_idle" and event["backends"] == 1
     assert event["public_ip"] == t.DEFAULT_SNAT[0] and event["ports"] == 1024

@@ -17,8 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames, ns_popen, ns_run
+from gateway.lab import clients
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_popen, ns_run
+from gateway.lab.procs import close_pipes
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -79,17 +82,18 @@ def test_second_and_third_pool_members_use_their_own_blocks(
 def test_tcp_bulk_through_the_gateway(lab: LabNames, gw: h.GatewayProc) -> None:
     """A 2 s iperf3 TCP transfer from a pool member works and the server saw the frontend."""
     port = 5201
-    server = ns_popen(lab.inet, ["iperf3", "-s", "-1", "-J", "-B", t.SERVER, "-p", str(port)],
+    server = ns_popen(lab.inet, clients.iperf3_server(t.SERVER, port, one_off=True),
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     try:
-        h.wait_listening(lab.inet, port)
-        client = ns_run(lab.be, ["iperf3", "-c", t.SERVER, "-p", str(port), "-B", "10.10.1.2",
-                                 "-t", "2", "-J", "--connect-timeout", "3000"],
+        h.wait_listening(lab.inet, [port])
+        client = ns_run(lab.be, clients.iperf3_client(t.SERVER, "10.10.1.2", port, 2,
+                                                      extra=["--connect-timeout", "3000"]),
                         check=False, timeout=30)
         out, _err = server.communicate(timeout=15)
     finally:
-        h.stop_pid(server, signal.SIGTERM, 3)
+        h.stop_process(server, signal.SIGTERM, 3)
+        close_pipes(server)
     assert client.returncode == 0, client.stdout.decode()[-2000:] + client.stderr.decode()
     report = json.loads(out)
     remote = {c["remote_host"] for c in report["start"]["connected"]}
@@ -130,8 +134,7 @@ def test_ping_from_every_scenario(lab: LabNames, gw: h.GatewayProc) -> None:
     """ICMP echo is translated: the server sees the public address, the pool id in its block."""
     with h.Capture(lab.inet, "eth0", "icmp[icmptype] == icmp-echo") as cap:
         for src in ("10.10.1.1", t.INSTANCE_BACKEND, t.STANDALONE[0]):
-            res = ns_run(lab.be, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-I", src,
-                                  t.SERVER], check=False, timeout=15)
+            res = h.ping(lab.be, src, t.SERVER, count=3, interval=0.2)
             assert res.returncode == 0, (src, res.stdout.decode(), res.stderr.decode())
     requests = [ln for ln in cap.lines if "echo request" in ln]
     assert len(requests) == 9, cap.lines

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from gateway.lab import topology as t
-from gateway.lab.topology import LabNames
+from gateway.lab import layout as t
+from gateway.lab.layout import LabNames
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,9 @@ def test_closed_tcp_flows_give_their_ports_back(
     ports = []
     for i in range(40):
         if i == 30:
-            time.sleep(1.2)  # the first 30 flows closed more than the 1 s linger ago
+            # Waiting out the 1 s FIN linger is what this test is about: the first 30
+            # flows' ports come back only once it has passed.
+            time.sleep(1.2)
         res = h.curl(lab, "10.10.1.1", f"http://{t.SERVER}/", max_time=3)
         assert res.returncode == 0, f"curl {i}: {res.stderr.decode()}"
         ip, port = h.parse_peer(res.stdout.decode())
@@ -75,7 +77,7 @@ def test_closed_tcp_flows_give_their_ports_back(
         ports.append(port)
     assert len(set(ports)) <= 32 and max(ports) - min(ports) < 32, sorted(set(ports))
 
-    time.sleep(1.2)
+    time.sleep(1.2)  # the same: the 40 flows above linger 1 s before their ports are free
     steps: list[list[object]] = [["tcp", "10.10.1.1", t.SERVER, 81, 2] for _ in range(30)]
     steps += [["sleep", 1.2]] + [["tcp", "10.10.1.1", t.SERVER, 81, 2] for _ in range(10)]
     out = h.probe(lab.be, {"steps": steps}, timeout=60)

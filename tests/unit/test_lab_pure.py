@@ -1,10 +1,10 @@
 """Lab pieces that need no root: address schemes, whoami's parsing, the config builder,
-and whoami itself on loopback high ports (a subprocess, stopped by its pid)."""
+waiting and stopping processes, and whoami itself on loopback high ports (a subprocess,
+stopped by its pid)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,8 +19,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.lab import topology as t
+from gateway.lab import layout as t
 from gateway.lab import whoami as w
+from gateway.lab.clients import iperf3_client, iperf3_json, parse_peer
+from gateway.lab.gatewayproc import parse_metrics
+from gateway.lab.netns import LabError
+from gateway.lab.procs import (
+    ProcessSet,
+    WaitTimeout,
+    close_pipes,
+    poll_until,
+    stop_process,
+    wait_until,
+)
 from tests.integration import helpers as h
 
 
@@ -114,18 +125,11 @@ def whoami_local(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        assert h.wait_until(pid_file.exists, 10), "whoami did not start"
+        assert h.wait_until(pid_file.exists, 10, what="whoami wrote its pid file"), "whoami did not start"
         yield http_port, udp_port, log
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop_process(proc, signal.SIGTERM, 5)
+        close_pipes(proc)
     assert not pid_file.exists(), "whoami removes its pid file on SIGTERM"
 
 
@@ -153,3 +157,43 @@ def test_whoami_on_loopback(whoami_local: tuple[int, int, Path]) -> None:
                        "dst": "127.0.0.1", "dport": http_port}
     assert [(r["proto"], r["sport"], r["dport"]) for r in recs[1:]] == [
         ("udp", udp_local, udp_port)] * 2
+
+
+def test_wait_until_returns_the_value_or_names_what_did_not_happen() -> None:
+    """wait_until hands back the first truthy value; a timeout names the condition and the detail."""
+    calls = iter([0, 0, 7])
+    assert wait_until(lambda: next(calls), 2, interval=0.01) == 7
+    start = time.monotonic()
+    with pytest.raises(WaitTimeout, match=r"after 0.2 s waiting until the moon is up; seen: dark"):
+        wait_until(lambda: False, 0.2, what="the moon is up", detail=lambda: "dark")
+    assert 0.15 <= time.monotonic() - start < 2
+    assert poll_until(lambda: None, 0.05) is None
+    assert poll_until(lambda: False, 30, give_up=lambda: True) is None  # gives up at once
+
+
+def test_stop_process_stops_by_pid_and_escalates() -> None:
+    """A child that ignores SIGTERM is killed after the timeout; ProcessSet forgets what it stopped."""
+    ignore = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              "print(1, flush=True); time.sleep(60)")
+    procs = ProcessSet()
+    proc = procs.add(subprocess.Popen([sys.executable, "-c", ignore], stdout=subprocess.PIPE))
+    assert proc.stdout is not None and proc.stdout.readline() == b"1\n"  # handler installed
+    start = time.monotonic()
+    assert procs.stop(proc, signal.SIGTERM, 0.3) == -signal.SIGKILL
+    assert time.monotonic() - start < 5 and procs.procs == []
+    close_pipes(proc)
+    assert stop_process(proc) == -signal.SIGKILL  # already reaped: no signal to a stale pid
+
+
+def test_client_helpers_parse_and_build() -> None:
+    """whoami answers, Prometheus text and iperf3 argv/JSON are read and written one way."""
+    assert parse_peer("late 198.51.100.10:1024\n") == ("198.51.100.10", 1024)
+    with pytest.raises(LabError):
+        parse_peer("nope")
+    text = '# HELP x\nsnatgw_x{b="2",a="1"} 3\nsnatgw_y 1.5\n'
+    assert parse_metrics(text) == {'snatgw_x{a="1",b="2"}': 3.0, "snatgw_y": 1.5}
+    assert iperf3_client("1.2.3.4", "10.0.0.1", 5201, 3.0, udp_length=64)[-7:] == [
+        "-J", "-u", "-l", "64", "-b", "0", "--get-server-output"]
+    assert iperf3_json(b'{"end": {}}', "x") == {"end": {}}
+    with pytest.raises(LabError, match="iperf3: busy"):
+        iperf3_json(b'{"error": "busy"}', "x")
