@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-PY="$VENV/bin/python"
 SNATGW="$VENV/bin/snatgw"
 PREFIX=snatgw
 BE="$PREFIX-be"
@@ -22,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "demo: needs root (network namespaces, iptables); try: sudo make demo" >&2
   exit 1
 fi
-for f in "$PY" "$SNATGW"; do
+for f in "$SNATGW"; do
   [ -x "$f" ] || { echo "demo: $f missing; run make setup" >&2; exit 1; }
 done
 
@@ -49,8 +48,7 @@ cleanup() {
     return 0
   fi
   stop_gateway || true
-  "$PY" -c 'import sys; from gateway.lab.topology import lab_down; lab_down(sys.argv[1])' \
-    "$PREFIX" || echo "demo: lab down failed; run: make lab-down" >&2
+  "$SNATGW" lab down --prefix "$PREFIX" >/dev/null || echo "demo: lab down failed; run: make lab-down" >&2
   exit "$rc"
 }
 trap cleanup EXIT
