@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,21 @@ class _Reader:
                 raise self.fail(f"{key}.{k}" if key else k, "missing")
         return value
 
+    def named_tables(
+        self, doc: dict[str, Any], section: str, keys: set[str], what: str = ""
+    ) -> Iterator[tuple[str, dict[str, Any], str]]:
+        """Each table of the array ``section`` (all of ``keys``, nothing else) with its
+        key path and its ``name``; with ``what``, a name used twice is an error."""
+        seen: set[str] = set()
+        for i, item in enumerate(self.array(doc.get(section, []), section)):
+            k = f"{section}[{i}]"
+            t = self.table(item, k, keys, keys)
+            name = self.string(t["name"], f"{k}.name")
+            if what and name in seen:
+                raise self.fail(f"{k}.name", f"{what} {name!r} is defined twice")
+            seen.add(name)
+            yield k, t, name
+
     def array(self, value: Any, key: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(key, "must be an array")
@@ -212,23 +228,13 @@ def parse(text: str, path: str) -> GatewayConfig:
         publics[ip] = key
 
     frontends: list[Frontend] = []
-    for i, item in enumerate(r.array(doc.get("frontends", []), "frontends")):
-        k = f"frontends[{i}]"
-        t = r.table(item, k, {"name", "ip"}, {"name", "ip"})
-        name = r.string(t["name"], f"{k}.name")
-        if any(f.name == name for f in frontends):
-            raise r.fail(f"{k}.name", f"frontend {name!r} is defined twice")
+    for k, t, name in r.named_tables(doc, "frontends", {"name", "ip"}, "frontend"):
         ip = r.ip(t["ip"], f"{k}.ip")
         claim(ip, f"{k}.ip")
         frontends.append(Frontend(name, ip))
 
     pools: list[Pool] = []
-    for i, item in enumerate(r.array(doc.get("pools", []), "pools")):
-        k = f"pools[{i}]"
-        t = r.table(item, k, {"name", "members"}, {"name", "members"})
-        name = r.string(t["name"], f"{k}.name")
-        if any(p.name == name for p in pools):
-            raise r.fail(f"{k}.name", f"pool {name!r} is defined twice")
+    for k, t, name in r.named_tables(doc, "pools", {"name", "members"}, "pool"):
         raw = r.array(t["members"], f"{k}.members")
         if len(raw) > MAX_BACKENDS_PER_ADDRESS:
             raise r.fail(
@@ -245,11 +251,8 @@ def parse(text: str, path: str) -> GatewayConfig:
     rules: list[LbRule] = []
     fe_names = {f.name for f in frontends}
     pool_names = {p.name for p in pools}
-    for i, item in enumerate(r.array(doc.get("lb_rules", []), "lb_rules")):
-        k = f"lb_rules[{i}]"
-        keys = {"name", "frontend", "pool", "protocol", "frontend_port", "backend_port"}
-        t = r.table(item, k, keys, keys)
-        name = r.string(t["name"], f"{k}.name")
+    rule_keys = {"name", "frontend", "pool", "protocol", "frontend_port", "backend_port"}
+    for k, t, name in r.named_tables(doc, "lb_rules", rule_keys):
         fe = r.string(t["frontend"], f"{k}.frontend")
         if fe not in fe_names:
             raise r.fail(f"{k}.frontend", f"no frontend named {fe!r}")

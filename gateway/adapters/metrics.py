@@ -9,7 +9,7 @@ metric families in the HTTP server's thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -22,8 +22,32 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 
 from gateway.adapters.loop import LATENCY_BUCKETS
+from gateway.core.model import PROTO_NAMES
 
 Snapshot = Callable[[], dict[str, Any]]
+
+
+#: The labels of the per-backend and per-address families.
+_BACKEND = ["backend", "public_ip"]
+_ADDRESS = ["public_ip", "name", "kind"]
+PROTOCOLS = tuple(PROTO_NAMES.values())
+Samples = Iterable[tuple[list[str], float]]
+
+
+Family = type[CounterMetricFamily | GaugeMetricFamily]
+
+
+def family(kind: Family, name: str, doc: str, labels: list[str], samples: Samples) -> Metric:
+    """One counter or gauge family with its samples."""
+    fam = kind(name, doc, labels=labels)
+    for values, n in samples:
+        fam.add_metric(values, n)
+    return fam
+
+
+def by_key(counts: dict[str, int]) -> Samples:
+    """Samples labelled by the keys of ``counts`` (one label)."""
+    return (([k], n) for k, n in counts.items())
 
 
 class GatewayCollector:
@@ -39,98 +63,57 @@ class GatewayCollector:
         snap = self.snapshot()
         stats = snap["stats"]
         c = stats["counters"]
+        rows = snap["ports"]
+        addresses = snap["status"]["addresses"]
+        blocks = [a for a in addresses if a["block_size"]]
 
-        conns = CounterMetricFamily(
-            "snatgw_snat_connections",
-            "New outbound flows by state: attempted, failed (no port or address)",
-            labels=["state"],
-        )
-        for state, n in stats["snat_connections"].items():
-            conns.add_metric([state], n)
-        yield conns
+        def backend(row: dict[str, Any]) -> list[str]:
+            return [row["backend"], row["public_ip"]]
 
-        be_conns = CounterMetricFamily(
-            "snatgw_backend_snat_connections",
-            "New outbound flows per backend by state",
-            labels=["backend", "public_ip", "state"],
-        )
-        allocated = GaugeMetricFamily(
-            "snatgw_allocated_snat_ports",
-            "SNAT ports preallocated to the backend (its block)",
-            labels=["backend", "public_ip"],
-        )
-        used = GaugeMetricFamily(
-            "snatgw_used_snat_ports",
-            "SNAT ports carrying at least one flow",
-            labels=["backend", "public_ip", "protocol"],
-        )
-        exhaustion = CounterMetricFamily(
-            "snatgw_snat_port_exhaustion",
-            "New flows that failed because the backend's block had no port",
-            labels=["backend", "public_ip"],
-        )
-        for row in snap["ports"]:
-            labels = [row["backend"], row["public_ip"]]
-            be_conns.add_metric([*labels, "attempted"], row["attempted"])
-            be_conns.add_metric([*labels, "failed"], row["exhausted"])
-            if row["allocated"] is not None:
-                allocated.add_metric(labels, row["allocated"])
-            for proto in ("tcp", "udp", "icmp"):
-                used.add_metric([*labels, proto], row["in_use"].get(proto, 0))
-            exhaustion.add_metric(labels, row["exhausted"])
-        yield from (be_conns, allocated, used, exhaustion)
+        def address(a: dict[str, Any]) -> list[str]:
+            return [a["public_ip"], a["name"], a["kind"]]
 
-        packets = CounterMetricFamily("snatgw_packets", "Packets translated", labels=["direction"])
-        packets.add_metric(["in2out"], c["in2out_translated"])
-        packets.add_metric(["out2in"], c["out2in_translated"])
-        yield packets
-        icmp = CounterMetricFamily("snatgw_icmp_errors", "ICMP errors translated", labels=["direction"])
-        icmp.add_metric(["in2out"], c["icmp_error_in2out"])
-        icmp.add_metric(["out2in"], c["icmp_error_out2in"])
-        yield icmp
-        drops = CounterMetricFamily("snatgw_dropped_packets", "Packets dropped, by reason", labels=["reason"])
-        for reason, n in stats["drops"].items():
-            drops.add_metric([reason], n)
-        yield drops
+        C, G = CounterMetricFamily, GaugeMetricFamily
+        yield family(C, "snatgw_snat_connections", "New flows (SNAT connections) by state: attempted, "
+                     "failed (no port or address)", ["state"], by_key(stats["snat_connections"]))
+        yield family(C, "snatgw_backend_snat_connections",
+                     "New flows (SNAT connections) per backend by state", [*_BACKEND, "state"],
+                     ((backend(r) + [state], r[key]) for r in rows
+                      for state, key in (("attempted", "attempted"), ("failed", "exhausted"))))
+        yield family(G, "snatgw_allocated_snat_ports", "SNAT ports preallocated to the backend (its block)",
+                     _BACKEND, ((backend(r), r["allocated"]) for r in rows if r["allocated"] is not None))
+        yield family(G, "snatgw_used_snat_ports", "SNAT ports carrying at least one flow",
+                     [*_BACKEND, "protocol"],
+                     ((backend(r) + [p], r["in_use"].get(p, 0)) for r in rows for p in PROTOCOLS))
+        yield family(C, "snatgw_snat_port_exhaustion", "New flows that failed because the backend's block "
+                     "had no port", _BACKEND, ((backend(r), r["exhausted"]) for r in rows))
+        yield family(C, "snatgw_packets", "Packets translated", ["direction"],
+                     (([d], c[f"{d}_translated"]) for d in ("in2out", "out2in")))
+        yield family(C, "snatgw_icmp_errors", "ICMP errors translated", ["direction"],
+                     (([d], c[f"icmp_error_{d}"]) for d in ("in2out", "out2in")))
+        yield family(C, "snatgw_dropped_packets", "Packets dropped, by reason", ["reason"],
+                     by_key(stats["drops"]))
+        yield family(G, "snatgw_flows", "Live flows", ["protocol", "state"],
+                     (([p, st], n) for p, states in stats["flows"].items() for st, n in states.items()))
+        yield C("snatgw_flows_created", "Flows created", value=c["flows_created"])
+        yield family(C, "snatgw_flows_ended", "Flows ended, by reason", ["reason"],
+                     by_key(stats["flows_ended"]))
+        yield family(G, "snatgw_address_block_size_ports", "Ports per backend on the address (its tier)",
+                     _ADDRESS, ((address(a), a["block_size"]) for a in blocks))
+        yield family(G, "snatgw_address_backends", "Backends leaving through the address", _ADDRESS,
+                     ((address(a), a["backends"]) for a in addresses))
+        yield family(G, "snatgw_address_tier", "Row of the tier table the address is in (1: 1-50 backends)",
+                     _ADDRESS, ((address(a), a["tier"]) for a in blocks))
+        yield C("snatgw_tier_changes", "Times an address changed tier", value=stats["tier_changes"])
+        yield self._latency(snap["latency"])
+        yield family(C, "snatgw_config_reloads", "Configuration reloads, by result", ["result"],
+                     by_key(snap["reloads"]))
+        yield G("snatgw_start_time_seconds", "When the gateway started (Unix time)", value=snap["started"])
 
-        flows = GaugeMetricFamily("snatgw_flows", "Live flows", labels=["protocol", "state"])
-        for proto, states in stats["flows"].items():
-            for state, n in states.items():
-                flows.add_metric([proto, state], n)
-        yield flows
-        yield CounterMetricFamily("snatgw_flows_created", "Flows created", value=c["flows_created"])
-        ended = CounterMetricFamily("snatgw_flows_ended", "Flows ended, by reason", labels=["reason"])
-        for reason, n in stats["flows_ended"].items():
-            ended.add_metric([reason], n)
-        yield ended
-
-        block = GaugeMetricFamily(
-            "snatgw_address_block_size_ports",
-            "Ports per backend on the address (its tier)",
-            labels=["public_ip", "name", "kind"],
-        )
-        members = GaugeMetricFamily(
-            "snatgw_address_backends",
-            "Backends leaving through the address",
-            labels=["public_ip", "name", "kind"],
-        )
-        tier = GaugeMetricFamily(
-            "snatgw_address_tier",
-            "Row of the tier table the address is in (1: 1-50 backends)",
-            labels=["public_ip", "name", "kind"],
-        )
-        for a in snap["status"]["addresses"]:
-            labels = [a["public_ip"], a["name"], a["kind"]]
-            members.add_metric(labels, a["backends"])
-            if a["block_size"]:
-                block.add_metric(labels, a["block_size"])
-                tier.add_metric(labels, a["tier"])
-        yield from (block, members, tier)
-        yield CounterMetricFamily(
-            "snatgw_tier_changes", "Times an address changed tier", value=stats["tier_changes"]
-        )
-
-        counts, total = snap["latency"]
+    @staticmethod
+    def _latency(latency: tuple[list[int], float]) -> Metric:
+        """The loop latency histogram (cumulative buckets, as Prometheus wants them)."""
+        counts, total = latency
         cumulative = 0
         buckets = []
         for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
@@ -138,17 +121,7 @@ class GatewayCollector:
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         hist = HistogramMetricFamily("snatgw_loop_latency_seconds", "Time to handle one batch of packets")
         hist.add_metric([], buckets, total)
-        yield hist
-
-        reloads = CounterMetricFamily(
-            "snatgw_config_reloads", "Configuration reloads, by result", labels=["result"]
-        )
-        for result, n in snap["reloads"].items():
-            reloads.add_metric([result], n)
-        yield reloads
-        yield GaugeMetricFamily(
-            "snatgw_start_time_seconds", "When the gateway started (Unix time)", value=snap["started"]
-        )
+        return hist
 
 
 def serve(host: str, port: int, snapshot: Snapshot) -> Callable[[], None]:

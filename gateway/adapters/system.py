@@ -1,8 +1,9 @@
 """Addresses and forwarding on the gateway host, through pyroute2 and /proc.
 
 The public addresses belong to snatgw: it adds each one as a /32 on the
-outside interface (so that ARP for it is answered, KERNEL_NOTES.md) and
-removes them all when it stops, including any that a crashed run left.
+outside interface (so that ARP for it is answered: docs/kernel.md, "Diverting
+packets") and removes them all when it stops, including any that a crashed
+run left.
 """
 
 from __future__ import annotations

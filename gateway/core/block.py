@@ -1,5 +1,5 @@
 """Port blocks: a backend's preallocated SNAT ports on one public address, and
-how flows take ports from them (OUTBOUND_MODEL.md, "PAT" and "Preallocation by
+how flows take ports from them (docs/model.md, "PAT" and "Preallocation by
 pool size").
 
 A block is made of 32-port chunks (32 is the smallest block the tiers

@@ -24,15 +24,22 @@ class ReclaimReason(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class SnatPortExhausted:
+class _BackendEvent:
+    """About one backend's ports on its public address, for one protocol."""
+
+    level: ClassVar[str] = "warning"
+
+    backend: str
+    public_ip: str
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnatPortExhausted(_BackendEvent):
     """A new flow failed: its backend had no free port for that destination
     (docs/model.md, "Exhaustion"); at most one per backend per interval."""
 
     name: ClassVar[str] = "snat_port_exhausted"
-    level: ClassVar[str] = "warning"
-    backend: str
-    public_ip: str
-    protocol: str
     destination: str
     block_size: int
     #: Failures not logged since the last event of this backend.
@@ -40,28 +47,31 @@ class SnatPortExhausted:
 
 
 @dataclass(frozen=True, slots=True)
-class SnatPortsHighWater:
+class SnatPortsHighWater(_BackendEvent):
     """A backend's ports in use for one protocol reached ``high_water`` of its block."""
 
     name: ClassVar[str] = "snat_ports_high_water"
-    level: ClassVar[str] = "warning"
-    backend: str
-    public_ip: str
-    protocol: str
     ports_in_use: int
     block_size: int
     threshold: float
 
 
 @dataclass(frozen=True, slots=True)
-class PoolTierChanged:
+class _AddressEvent:
+    """About every backend of one public address; ``address_name`` is the
+    frontend's name ("" for a default SNAT address), logged as ``name``."""
+
+    level: ClassVar[str] = "warning"
+
+    public_ip: str
+    address_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTierChanged(_AddressEvent):
     """A public address moved to another tier (docs/model.md, "Resizing")."""
 
     name: ClassVar[str] = "pool_tier_changed"
-    level: ClassVar[str] = "warning"
-    public_ip: str
-    #: The frontend's name ("" for a default SNAT address).
-    address_name: str
     kind: str
     backends: int
     old_block_size: int
@@ -70,13 +80,10 @@ class PoolTierChanged:
 
 
 @dataclass(frozen=True, slots=True)
-class PortsReclaimed:
+class PortsReclaimed(_AddressEvent):
     """Ports went back to an address and the flows on them ended."""
 
     name: ClassVar[str] = "ports_reclaimed"
-    level: ClassVar[str] = "warning"
-    public_ip: str
-    address_name: str
     reason: ReclaimReason
     backends: int
     ports: int

@@ -118,21 +118,23 @@ class Flow:
 
     proto: int
     scenario: int
-    backend: int
-    backend_port: int
-    public: int
-    public_port: int
-    remote: int
-    remote_port: int
     inside_key: bytes
     outside_key: bytes
+    #: The three endpoints as numbers (for the views) and as the bytes the
+    #: per-packet path writes.
+    backend: int
+    backend_port: int
+    backend_b: bytes
+    backend_port_b: bytes
+    public: int
+    public_port: int
+    public_b: bytes
+    public_port_b: bytes
+    remote: int
+    remote_port: int
     #: Remote ip and port: what the block counts ports per destination by.
     dest: bytes
     block: PortBlock | None
-    public_b: bytes
-    public_port_b: bytes
-    backend_b: bytes
-    backend_port_b: bytes
     in2out_ip: int
     in2out_l4: int
     out2in_ip: int

@@ -8,11 +8,20 @@ tests, is :mod:`gateway.core.packet`.
 
 from __future__ import annotations
 
+import struct
+
 from gateway.core.counters import Counter
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 
 #: A packet as the adapters hand it over: writable, indexable, sliceable.
 Buffer = bytearray | memoryview
+
+#: Packers both paths rewrite fields with (struct's C code beats slicing ints).
+H = struct.Struct("!H")
+H_IP = struct.Struct("!H4s")
+UDP_HEADER = struct.Struct("!HHHH")
+#: The 12-byte flow key of an IPv4 packet without options: addresses then ports.
+KEY = struct.Struct("12s").unpack_from
 
 #: Shortest transport header per IP protocol number (0: not looked at here).
 _L4_MIN = [0] * 256

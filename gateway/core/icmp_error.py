@@ -10,11 +10,9 @@ flow's deltas; the ICMP checksum, which covers the quote, is recomputed.
 
 from __future__ import annotations
 
-import struct
-
 from gateway.core.checksum import apply, checksum
 from gateway.core.counters import Counter
-from gateway.core.header import Buffer
+from gateway.core.header import H_IP, Buffer, H
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.placement import Placement
 from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Verdict
@@ -25,9 +23,6 @@ ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
 ZERO2 = b"\0\0"
-
-_H = struct.Struct("!H")
-_HI = struct.Struct("!H4s")
 
 
 class IcmpErrors(Placement):
@@ -66,8 +61,8 @@ class IcmpErrors(Placement):
                 self.counters[Counter.DROP_NO_FLOW] += 1
                 return DROP
             d_ip, d_l4 = f.in2out_ip, f.in2out_l4
-            _HI.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip), f.public_b)
-            _H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            H_IP.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip), f.public_b)
+            H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
             buf[i + 16 : i + 20] = f.public_b
             buf[port_at : port_at + 2] = f.public_port_b
         else:
@@ -75,26 +70,26 @@ class IcmpErrors(Placement):
                 self.counters[Counter.DROP_NO_FLOW] += 1
                 return DROP
             d_ip, d_l4 = f.out2in_ip, f.out2in_l4
-            _H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip))
+            H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], d_ip))
             buf[16:20] = f.backend_b
-            _H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
             buf[i + 12 : i + 16] = f.backend_b
             buf[port_at : port_at + 2] = f.backend_port_b
         if iproto == PROTO_UDP:
             ic = l4 + 6
             if buf[ic] or buf[ic + 1]:
                 c = apply(buf[ic] << 8 | buf[ic + 1], d_l4)
-                _H.pack_into(buf, ic, c or 0xFFFF)
+                H.pack_into(buf, ic, c or 0xFFFF)
         elif iproto == PROTO_TCP:
             ic = l4 + 16
             if n >= ic + 2:
-                _H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
+                H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
         else:
             ic = l4 + 2
-            _H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
+            H.pack_into(buf, ic, apply(buf[ic] << 8 | buf[ic + 1], d_l4))
         buf[ihl + 2] = 0
         buf[ihl + 3] = 0
-        _H.pack_into(buf, ihl + 2, checksum(memoryview(buf)[ihl:n]))
+        H.pack_into(buf, ihl + 2, checksum(memoryview(buf)[ihl:n]))
         if in2out:
             self.counters[Counter.ICMP_ERROR_IN2OUT] += 1
             return ACCEPT_MODIFIED

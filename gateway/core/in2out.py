@@ -12,19 +12,12 @@ a packet with IP options, the slices it is joined from.
 
 from __future__ import annotations
 
-import struct
-
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
-from gateway.core.header import Buffer, l4_offset
+from gateway.core.header import H_IP, KEY, UDP_HEADER, Buffer, H, l4_offset
 from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED, DROP, Verdict
-
-_H = struct.Struct("!H")
-_HI = struct.Struct("!H4s")
-_UDP = struct.Struct("!HHHH")
-_KEY = struct.Struct("12s").unpack_from
 
 _C_IN2OUT = Counter.IN2OUT_TRANSLATED.value
 _D_UNSUPPORTED = Counter.DROP_UNSUPPORTED.value
@@ -41,33 +34,29 @@ class In2Out(IcmpErrors):
             self.counters[-ihl] += 1
             return DROP
         proto = buf[9]
+        # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
+        key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
         if proto == PROTO_UDP:
-            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-            f = self._udp_inside.get(key)
+            f = self._udp_inside.get(key) or self._new_flow(buf, ihl, proto, key, now)
             if f is None:
-                f = self._new_flow(buf, ihl, proto, key, now)
-                if f is None:
-                    return DROP
-            _sp, dp, ln, c = _UDP.unpack_from(buf, ihl)
+                return DROP
+            _sp, dp, ln, c = UDP_HEADER.unpack_from(buf, ihl)
             if c:
                 c -= f.in2out_l4
                 if c <= 0:
                     c += 0xFFFF
-            _UDP.pack_into(buf, ihl, f.public_port, dp, ln, c)
+            UDP_HEADER.pack_into(buf, ihl, f.public_port, dp, ln, c)
         elif proto == PROTO_TCP:
-            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-            f = self._tcp_inside.get(key)
+            f = self._tcp_inside.get(key) or self._new_flow(buf, ihl, proto, key, now)
             if f is None:
-                f = self._new_flow(buf, ihl, proto, key, now)
-                if f is None:
-                    return DROP
+                return DROP
             if buf[ihl + 13] & 7:
                 self._tcp_flags(f, buf[ihl + 13], True, now)
-            _H.pack_into(buf, ihl, f.public_port)
+            H.pack_into(buf, ihl, f.public_port)
             c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.in2out_l4
             if c < 0:
                 c += 0xFFFF
-            _H.pack_into(buf, ihl + 16, c)
+            H.pack_into(buf, ihl + 16, c)
         elif proto == PROTO_ICMP:
             return self._icmp_in2out(buf, ihl, n, now)
         else:
@@ -76,7 +65,7 @@ class In2Out(IcmpErrors):
         c = (buf[10] << 8 | buf[11]) - f.in2out_ip
         if c < 0:
             c += 0xFFFF
-        _HI.pack_into(buf, 10, c, f.public_b)
+        H_IP.pack_into(buf, 10, c, f.public_b)
         f.last_seen = now
         f.pkts_out += 1
         f.bytes_out += n
@@ -88,17 +77,15 @@ class In2Out(IcmpErrors):
         typ = buf[ihl]
         if typ == ICMP_ECHO_REQUEST:
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
-            f = self._icmp_inside.get(key)
+            f = self._icmp_inside.get(key) or self._new_flow(buf, ihl, PROTO_ICMP, key, now)
             if f is None:
-                f = self._new_flow(buf, ihl, PROTO_ICMP, key, now)
-                if f is None:
-                    return DROP
+                return DROP
             f.last_seen = now
             f.pkts_out += 1
             f.bytes_out += n
-            _HI.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.in2out_ip), f.public_b)
+            H_IP.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.in2out_ip), f.public_b)
             buf[ihl + 4 : ihl + 6] = f.public_port_b
-            _H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.in2out_l4))
+            H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.in2out_l4))
             self.counters[_C_IN2OUT] += 1
             return ACCEPT_MODIFIED
         if typ in ICMP_ERRORS:

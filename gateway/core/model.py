@@ -1,5 +1,5 @@
 """The operator's intent as plain data: frontends, pools, LB rules, instance
-IPs, default SNAT addresses and timeouts (OUTBOUND_MODEL.md, "Words").
+IPs, default SNAT addresses and timeouts (docs/model.md, "Words").
 
 :func:`gateway.config.load` builds a :class:`GatewayModel` from TOML; the
 core takes it as given and derives everything else (scenarios, tiers, blocks).
@@ -21,16 +21,14 @@ class Proto(IntEnum):
 
 
 #: Aliases for the per-packet path, where a module global is the cheapest lookup.
-PROTO_ICMP = Proto.ICMP
-PROTO_TCP = Proto.TCP
-PROTO_UDP = Proto.UDP
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = Proto
 #: How the operator's view, events and metrics name each protocol.
 PROTO_NAMES: dict[int, str] = {p.value: p.name.lower() for p in Proto}
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Flow lifetimes in seconds (OUTBOUND_MODEL.md, "Idle timeout").
+    """Flow lifetimes in seconds (docs/model.md, "Idle timeout").
 
     ``tcp_fin_linger`` and ``tcp_rst_linger`` are how long a TCP flow's port
     stays reserved after FIN from both sides or a RST: long enough to carry
@@ -45,18 +43,27 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Frontend:
+    """A named public address of the load balancer (docs/model.md, "Words")."""
+
     name: str
     ip: int
 
 
 @dataclass(frozen=True, slots=True)
 class Pool:
+    """A named set of backend addresses; an LB rule naming it gives its members
+    scenario 2 (docs/model.md, "Scenarios")."""
+
     name: str
     members: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class LbRule:
+    """Links a frontend to a pool. Only its existence matters to outbound
+    traffic: it puts the pool behind the frontend, and its frontend port is
+    kept out of every block on that address."""
+
     name: str
     frontend: str
     pool: str
@@ -67,6 +74,8 @@ class LbRule:
 
 @dataclass(frozen=True, slots=True)
 class InstanceIp:
+    """A public address of one backend's own (scenario 1, no port translation)."""
+
     private: int
     public: int
 

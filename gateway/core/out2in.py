@@ -11,18 +11,12 @@ to the inside.
 
 from __future__ import annotations
 
-import struct
-
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
-from gateway.core.header import Buffer, l4_offset
+from gateway.core.header import KEY, UDP_HEADER, Buffer, H, l4_offset
 from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ERRORS, ZERO2, IcmpErrors
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP, Verdict
-
-_H = struct.Struct("!H")
-_UDP = struct.Struct("!HHHH")
-_KEY = struct.Struct("12s").unpack_from
 
 _C_OUT2IN = Counter.OUT2IN_TRANSLATED.value
 _D_NO_FLOW = Counter.DROP_NO_FLOW.value
@@ -40,67 +34,61 @@ class Out2In(IcmpErrors):
         if ihl < 0:
             self.counters[-ihl] += 1
             return DROP
+        # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
+        key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
         proto = buf[9]
         if proto == PROTO_UDP:
-            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._udp_outside.get(key)
             if f is None:
                 self.counters[_D_NO_FLOW] += 1
                 return DROP
-            sp, _dp, ln, c = _UDP.unpack_from(buf, ihl)
-            if c:
-                c -= f.out2in_l4
-                if c <= 0:
-                    c += 0xFFFF
-            _UDP.pack_into(buf, ihl, sp, f.backend_port, ln, c)
+            sp, _dp, ln, c = UDP_HEADER.unpack_from(buf, ihl)
+            if c:  # 0: sent without a checksum (RFC 768); stays 0, a result lands in 1..0xFFFF
+                c = (c - f.out2in_l4 - 1) % 0xFFFF + 1
+            UDP_HEADER.pack_into(buf, ihl, sp, f.backend_port, ln, c)
         elif proto == PROTO_TCP:
-            key = _KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
             f = self._tcp_outside.get(key)
             if f is None:
                 self.counters[_D_NO_FLOW] += 1
                 return DROP
             if buf[ihl + 13] & 7:
                 self._tcp_flags(f, buf[ihl + 13], False, now)
-            _H.pack_into(buf, ihl + 2, f.backend_port)
+            H.pack_into(buf, ihl + 2, f.backend_port)
             c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.out2in_l4
             if c < 0:
                 c += 0xFFFF
-            _H.pack_into(buf, ihl + 16, c)
-        elif proto == PROTO_ICMP:
-            return self._icmp_out2in(buf, ihl, n, now)
+            H.pack_into(buf, ihl + 16, c)
         else:
-            self.counters[_D_NO_FLOW] += 1
-            return DROP
+            return self._icmp_out2in(buf, ihl, n, now)
         c = (buf[10] << 8 | buf[11]) - f.out2in_ip
         if c < 0:
             c += 0xFFFF
-        _H.pack_into(buf, 10, c)
+        H.pack_into(buf, 10, c)
         buf[16:20] = f.backend_b
+        self.counters[_C_OUT2IN] += 1
+        f.last_seen = now
+        f.pkts_in += 1
+        f.bytes_in += n
+        return ACCEPT_MODIFIED_MARK
+
+    def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
+        """An echo reply to a live echo flow, or an error about a live flow; any
+        other protocol or ICMP type has no flow here."""
+        typ = buf[ihl]
+        if buf[9] == PROTO_ICMP and typ in ICMP_ERRORS:
+            return self._icmp_error(buf, ihl, n, False)
+        f = None
+        if buf[9] == PROTO_ICMP and typ == ICMP_ECHO_REPLY:
+            f = self._icmp_outside.get(bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6]))
+        if f is None:
+            self.counters[_D_NO_FLOW] += 1
+            return DROP
+        buf[16:20] = f.backend_b
+        H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.out2in_ip))
+        buf[ihl + 4 : ihl + 6] = f.backend_port_b
+        H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.out2in_l4))
         f.last_seen = now
         f.pkts_in += 1
         f.bytes_in += n
         self.counters[_C_OUT2IN] += 1
         return ACCEPT_MODIFIED_MARK
-
-    def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
-        """An echo reply to a live echo flow, or an error about a live flow."""
-        typ = buf[ihl]
-        if typ == ICMP_ECHO_REPLY:
-            key = bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
-            f = self._icmp_outside.get(key)
-            if f is None:
-                self.counters[_D_NO_FLOW] += 1
-                return DROP
-            f.last_seen = now
-            f.pkts_in += 1
-            f.bytes_in += n
-            _H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.out2in_ip))
-            buf[16:20] = f.backend_b
-            buf[ihl + 4 : ihl + 6] = f.backend_port_b
-            _H.pack_into(buf, ihl + 2, apply(buf[ihl + 2] << 8 | buf[ihl + 3], f.out2in_l4))
-            self.counters[_C_OUT2IN] += 1
-            return ACCEPT_MODIFIED_MARK
-        if typ in ICMP_ERRORS:
-            return self._icmp_error(buf, ihl, n, False)
-        self.counters[_D_NO_FLOW] += 1
-        return DROP

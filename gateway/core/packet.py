@@ -1,7 +1,7 @@
 """A descriptive IPv4 parser for tools, logs and tests.
 
-The per-packet path in :mod:`gateway.core.table` reads headers inline and
-returns drop reasons; this module is the slow, thorough reading of the same
+The per-packet paths (:mod:`gateway.core.in2out`, :mod:`gateway.core.out2in`)
+read headers inline and return drop reasons; this module is the slow, thorough reading of the same
 headers, raising only :class:`~gateway.core.errors.PacketError` on any input
 (a fuzz test holds it to that).
 """
@@ -85,7 +85,7 @@ def fill_l4_checksum(buf: bytearray | memoryview) -> None:
 
     With ``NFQA_CFG_F_GSO`` the kernel queues small packets whose transport
     checksum is still only the pseudo-header sum, and sends them as written
-    after a mangled verdict (KERNEL_NOTES.md). Other protocols, and packets
+    after a mangled verdict (docs/kernel.md, "Whole GSO segments"). Other protocols, and packets
     too short to carry the field, are left alone; never raises for them.
     """
     n = len(buf)

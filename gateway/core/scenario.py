@@ -1,5 +1,5 @@
 """The scenario policy: which public address each configured backend's flows
-leave with (OUTBOUND_MODEL.md, "Scenarios").
+leave with (docs/model.md, "Scenarios").
 
 Precedence is 1 (instance IP) over 2 (member of a pool an LB rule names) over
 3 (anything else from the inside, on a default SNAT address the gateway picks).

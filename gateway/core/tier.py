@@ -1,5 +1,5 @@
 """Preallocation tiers: ports per backend by the number of backends sharing a
-public address (OUTBOUND_MODEL.md, "Preallocation by pool size")."""
+public address (docs/model.md, "Preallocation by pool size")."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ class Verdict(IntEnum):
     ACCEPT_MODIFIED_MARK = 3
 
 
-DROP = Verdict.DROP
-ACCEPT = Verdict.ACCEPT
-ACCEPT_MODIFIED = Verdict.ACCEPT_MODIFIED
-ACCEPT_MODIFIED_MARK = Verdict.ACCEPT_MODIFIED_MARK
+#: Module-level names for the per-packet path: a global lookup is ten times
+#: cheaper than ``Verdict.DROP`` (an enum class attribute).
+DROP, ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK = Verdict

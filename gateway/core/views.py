@@ -103,7 +103,7 @@ def _destination(dest: bytes) -> str:
 
 
 def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[str, Any]:
-    """One backend's port use (OUTBOUND_MODEL.md, "What the operator is told to do").
+    """One backend's port use (docs/model.md, "What the operator is told to do about exhaustion").
 
     ``in_use`` counts ports carrying at least one flow, per protocol (TCP,
     UDP and ICMP identifiers are separate spaces); ``top_destinations`` are

@@ -56,7 +56,7 @@ def test_bad_config_names_the_key(text: str, key: str) -> None:
 
 
 def test_pool_over_1000_members_is_refused() -> None:
-    """More than 1000 backends behind one address is not allowed (OUTBOUND_MODEL.md)."""
+    """More than 1000 backends behind one address is not allowed (docs/model.md)."""
     members = ", ".join(f'"10.20.{i // 250}.{i % 250 + 1}"' for i in range(1001))
     text = BASE.replace('members = ["10.10.1.1", "10.10.1.2", "10.10.1.3"]', f"members = [{members}]")
     with pytest.raises(ConfigError) as exc:

@@ -1,5 +1,5 @@
 """TranslationTable.reconfigure: reloads keep what they do not affect, resize by tier,
-end exactly the flows they must, and say so in events (OUTBOUND_MODEL.md, "Resizing")."""
+end exactly the flows they must, and say so in events (docs/model.md, "Resizing")."""
 
 from __future__ import annotations
 

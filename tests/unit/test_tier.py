@@ -25,7 +25,7 @@ from gateway.core.tier import ports_per_backend
     ],
 )
 def test_tier_boundaries(backends: int, ports: int) -> None:
-    """Each tier boundary of OUTBOUND_MODEL.md gives its block size."""
+    """Each tier boundary of docs/model.md gives its block size."""
     assert ports_per_backend(backends) == ports
 
 
