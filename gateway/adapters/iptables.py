@@ -1,4 +1,4 @@
-"""The gateway's iptables rules (KERNEL_NOTES.md, "Diverting packets").
+"""The gateway's iptables rules (docs/kernel.md, "Diverting packets").
 
 All rules live in chains of our own (``SNATGW-*``) reached by one jump from
 each built-in chain, installed in one ``iptables-restore --noflush`` call so
@@ -24,11 +24,9 @@ import ipaddress
 import subprocess
 from collections.abc import Iterable, Sequence
 
+from gateway.adapters.kernel import Mark
+
 CHAIN_PREFIX = "SNATGW-"
-#: Mark bit for packets that came in on the inside and are forwarded.
-MARK_INSIDE = 0x20000000
-#: Mark bit the gateway sets on return packets it translated.
-MARK_TRANSLATED = 0x10000000
 
 #: (table, built-in chain, our chain)
 JUMPS: tuple[tuple[str, str, str], ...] = (
@@ -56,8 +54,8 @@ def ruleset(
     """
     jump = (lambda line: [line]) if jumps else (lambda line: [])
     pubs = [str(ipaddress.IPv4Address(p)) for p in publics]
-    m_in = f"0x{MARK_INSIDE:x}/0x{MARK_INSIDE:x}"
-    m_tr = f"0x{MARK_TRANSLATED:x}/0x{MARK_TRANSLATED:x}"
+    m_in = f"0x{Mark.INSIDE:x}/0x{Mark.INSIDE:x}"
+    m_tr = f"0x{Mark.TRANSLATED:x}/0x{Mark.TRANSLATED:x}"
     q = f"-j NFQUEUE --queue-num {queue}"
     qt = f"-p tcp -j NFQUEUE --queue-num {tcp_queue}"
     fwd_inside = f"-i {inside} -m addrtype ! --dst-type LOCAL"

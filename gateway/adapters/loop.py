@@ -2,8 +2,8 @@
 
 Two queue clients, chosen by ``gateway.queue_client``:
 
-- ``netlink`` (default): :class:`~gateway.adapters.nlqueue.NetlinkQueue`
-  on two queues (KERNEL_NOTES.md, "Whole GSO segments"). UDP and ICMP use the
+- ``netlink`` (default): :class:`~gateway.adapters.nfqueue.NetlinkQueue`
+  on two queues (docs/kernel.md, "Whole GSO segments"). UDP and ICMP use the
   configured queue, where the kernel hands over MTU-sized packets with full
   checksums. TCP uses the next queue with ``NFQA_CFG_F_GSO``: whole GSO
   super-packets of up to 64 KiB, one Python round trip each instead of one per
@@ -39,13 +39,16 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
-from gateway.adapters.iptables import MARK_TRANSLATED
-from gateway.adapters.nlqueue import SKBINFO_CSUMNOTREADY, SKBINFO_GSO, NetlinkQueue
+from gateway.adapters.kernel import Hook, Mark, SkbInfo
+from gateway.adapters.nfqueue import NetlinkQueue
 from gateway.core.packet import fill_l4_checksum
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 
-HOOK_POSTROUTING = 4
+#: Plain ints for the per-packet handler (an IntFlag ``&`` builds a new member each time).
+_POST_ROUTING = int(Hook.POST_ROUTING)
+_CSUMNOTREADY = int(SkbInfo.CSUMNOTREADY)
+_GSO = int(SkbInfo.GSO)
 #: Longest sleep, so that signals and events are handled promptly without traffic.
 MAX_SLEEP = 0.5
 #: Packets handled per NetlinkQueue.receive call before the loop looks at timers.
@@ -107,7 +110,6 @@ class PacketLoop:
             else:
                 for num, gso in ((queue, False), (queue + 1, True)):
                     q = NetlinkQueue(num, gso=gso, max_len=max_len, rcvbuf=rcvbuf)
-                    q.mark = MARK_TRANSLATED
                     self.queues.append(q)
         except OSError:
             self.close()
@@ -117,7 +119,7 @@ class PacketLoop:
         table = self.table
         try:
             buf = bytearray(pkt.get_payload())
-            if pkt.hook == HOOK_POSTROUTING:
+            if pkt.hook == Hook.POST_ROUTING:
                 verdict = table.in2out(buf, self.now)
             else:
                 verdict = table.out2in(buf, self.now)
@@ -130,7 +132,7 @@ class PacketLoop:
             pkt.accept()
         elif verdict == ACCEPT_MODIFIED_MARK:
             pkt.set_payload(bytes(buf))
-            pkt.set_mark(MARK_TRANSLATED)
+            pkt.set_mark(Mark.TRANSLATED)
             pkt.accept()
         else:
             pkt.drop()
@@ -138,11 +140,11 @@ class PacketLoop:
     def _nl_packet(self, payload: memoryview, hook: int, skbinfo: int) -> int:
         table = self.table
         try:
-            if hook == HOOK_POSTROUTING:
+            if hook == _POST_ROUTING:
                 verdict = table.in2out(payload, self.now)
             else:
                 verdict = table.out2in(payload, self.now)
-            if verdict != DROP and skbinfo & SKBINFO_CSUMNOTREADY and not skbinfo & SKBINFO_GSO:
+            if verdict != DROP and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:
                 fill_l4_checksum(payload)
         except Exception:  # as above: drop and count, never stop the loop
             table.count_internal_error()

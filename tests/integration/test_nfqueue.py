@@ -1,16 +1,17 @@
-"""Tests for gateway.adapters.nlqueue (pure-Python nfnetlink_queue client).
+"""Tests for gateway.adapters.nfqueue (pure-Python nfnetlink_queue client).
 
 Real kernel, root: two network namespaces ``nlq<id>a`` (192.0.2.1) and
 ``nlq<id>b`` (192.0.2.2) joined by a veth pair; namespace A queues everything
 it sends to B with ``iptables -t mangle -A OUTPUT -d 192.0.2.2 -j NFQUEUE
 --queue-num 7`` and runs a worker process bound with NetlinkQueue; assertions
 are on what B actually received. The protocol handling without a kernel
-(parser, verdict encoding) is tested in tests/unit/test_nlqueue_protocol.py.
+(parser, verdict encoding, batching) is tested in tests/unit/test_nfqueue_codec.py
+and tests/unit/test_nfqueue_queue.py.
 
 This file is also the helper program run inside the namespaces
-(``python test_nlqueue.py MODE ...``) and holds the throughput micro-check:
+(``python test_nfqueue.py MODE ...``) and holds the throughput micro-check:
 
-    sudo .venv/bin/python tests/integration/test_nlqueue.py bench [seconds [all|flood|drain]]
+    sudo .venv/bin/python tests/integration/test_nfqueue.py bench [seconds [all|flood|drain]]
 
 It prints two kinds of figures:
 
@@ -24,7 +25,7 @@ It prints two kinds of figures:
   packets/s and CPU time per packet (user + sys) of the consumer itself
   (Python + the kernel verdict/forward path it runs), NetlinkQueue vs
   netfilterqueue, for accept unchanged and for a one-field rewrite sent back
-  (result 2 / ``set_payload``).
+  (ACCEPT_MODIFIED / ``set_payload``).
 """
 
 from __future__ import annotations
@@ -50,21 +51,17 @@ from typing import Any
 
 import pytest
 
-from gateway.adapters.nlqueue import (
-    MARK_TRANSLATED,
-    SKBINFO_CSUMNOTREADY,
-    SKBINFO_GSO,
-    NetlinkQueue,
-)
+from gateway.adapters.kernel import Hook, Mark, SkbInfo
+from gateway.adapters.nfqueue import NetlinkQueue
+from gateway.core.verdict import Verdict
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = 7
 ADDR_A = "192.0.2.1"
 ADDR_B = "192.0.2.2"
-NF_INET_LOCAL_OUT = 3
+NF_INET_LOCAL_OUT = Hook.LOCAL_OUT
 
 # ----------------------------------------------------------------------------
-# netlink message builders / decoders used by the unit tests
 # integration: two namespaces, real kernel
 # ----------------------------------------------------------------------------
 
@@ -198,7 +195,7 @@ def test_udp_accept_unchanged(nlq_lab: Lab, gso: bool) -> None:
     assert stats["handled"] == 300 and stats["errors"] == 0 and stats["dropped"] == 0
     assert stats["hooks"] == [NF_INET_LOCAL_OUT]
     if gso:  # UDP from a local socket is CHECKSUM_PARTIAL and reported as such
-        assert stats["skbinfo_or"] & SKBINFO_CSUMNOTREADY
+        assert stats["skbinfo_or"] & SkbInfo.CSUMNOTREADY
     else:
         assert stats["skbinfo_or"] == 0
 
@@ -238,9 +235,9 @@ def test_udp_mixed_verdicts(nlq_lab: Lab, gso: bool) -> None:
     [("udp_mark", False, True), ("udp_mark", True, True), ("udp_mangle", False, False)],
 )
 def test_mark(nlq_lab: Lab, mode: str, gso: bool, delivered: bool) -> None:
-    """Result 3 sets NFQA_MARK: a filter rule that passes only marked packets."""
+    """ACCEPT_MODIFIED_MARK sets NFQA_MARK: a filter rule that passes only marked packets."""
     nlq_lab.iptables("-A", "OUTPUT", "-d", ADDR_B, "-p", "udp", "-m", "mark", "!", "--mark",
-                     hex(MARK_TRANSLATED), "-j", "DROP")  # fmt: skip
+                     hex(Mark.TRANSLATED), "-j", "DROP")  # fmt: skip
     stats, got = _udp_exchange(nlq_lab, 50, mode, gso)
     assert stats["handled"] == 50
     assert sorted(got) == ([f"M{i:05d}" for i in range(50)] if delivered else [])
@@ -267,10 +264,10 @@ def test_tcp_bulk(nlq_lab: Lab, gso: bool, mode: str) -> None:
     assert stats["errors"] == 0 and stats["dropped"] == 0
     if gso:
         assert stats["max_len"] > 1500, stats
-        assert stats["skbinfo_or"] & SKBINFO_GSO
+        assert stats["skbinfo_or"] & SkbInfo.GSO
     else:
         assert stats["max_len"] <= 1500
-        assert stats["skbinfo_or"] & SKBINFO_GSO == 0
+        assert stats["skbinfo_or"] & SkbInfo.GSO == 0
     print(f"tcp {mode} gso={gso}: {size * 8 / elapsed / 1e6:.0f} Mbit/s, "
           f"{stats['handled']} packets, max {stats['max_len']} bytes")  # fmt: skip
 
@@ -331,49 +328,49 @@ def _make_handler(mode: str, stats: dict[str, Any]) -> Callable[[memoryview, int
 
     def accept(p: memoryview, hook: int, info: int) -> int:
         note(p, hook, info)
-        return 1
+        return Verdict.ACCEPT
 
     def drop(p: memoryview, hook: int, info: int) -> int:
         note(p, hook, info)
-        return 0
+        return Verdict.DROP
 
     def udp_mangle(p: memoryview, hook: int, info: int) -> int:
         ihl = note(p, hook, info)
         p[ihl + 8] = ord("M")
         p[ihl + 6 : ihl + 8] = b"\0\0"  # UDP checksum 0: none
-        return 2
+        return Verdict.ACCEPT_MODIFIED
 
     def udp_mark(p: memoryview, hook: int, info: int) -> int:
         udp_mangle(p, hook, info)
-        return 3
+        return Verdict.ACCEPT_MODIFIED_MARK
 
     def mixed(p: memoryview, hook: int, info: int) -> int:
         ihl = note(p, hook, info)
         i = int(bytes(p[ihl + 9 : ihl + 14])) % 3
         if i == 0:
-            return 0
+            return Verdict.DROP
         if i == 1:
             p[ihl + 8] = ord("M")
             p[ihl + 6 : ihl + 8] = b"\0\0"
-            return 2
-        return 1
+            return Verdict.ACCEPT_MODIFIED
+        return Verdict.ACCEPT
 
     def ttl(p: memoryview, hook: int, info: int) -> int:
         ihl = note(p, hook, info)
         p[8] -= 1
         _ip_csum(p[:ihl], ihl)
-        if info & (SKBINFO_CSUMNOTREADY | SKBINFO_GSO) == SKBINFO_CSUMNOTREADY:
+        if info & (SkbInfo.CSUMNOTREADY | SkbInfo.GSO) == SkbInfo.CSUMNOTREADY:
             # Not GSO but checksum left partial: after a mangled verdict the
             # kernel sends what we wrote, so the TCP checksum must be complete.
             _tcp_csum(p, ihl)
-        return 2
+        return Verdict.ACCEPT_MODIFIED
 
     def bare_accept(p: memoryview, hook: int, info: int) -> int:
-        return 1
+        return Verdict.ACCEPT
 
     def bare_mangle(p: memoryview, hook: int, info: int) -> int:
         p[26:28] = b"\0\0"  # UDP checksum of an option-less IPv4 header: none
-        return 2
+        return Verdict.ACCEPT_MODIFIED
 
     handlers: dict[str, Callable[[memoryview, int, int], int]] = {
         "accept": accept, "drop": drop, "udp_mangle": udp_mangle, "udp_mark": udp_mark,
@@ -589,13 +586,13 @@ def _bench_flood(seconds: float) -> None:
     if not shutil.which("iperf3"):
         raise SystemExit("iperf3 is needed (apt-get install -y iperf3)")
     results = {}
-    for kind in ("none", "nlqueue", "netfilterqueue"):
+    for kind in ("none", "nfqueue", "netfilterqueue"):
         lab = _lab_up()
         try:
             worker = None
             if kind == "none":
                 lab.iptables("-t", "mangle", "-F", "OUTPUT")
-            elif kind == "nlqueue":
+            elif kind == "nfqueue":
                 worker = lab.spawn(lab.a, "queue", "accept", "0")
             else:
                 worker = lab.spawn(lab.a, "nfq")
@@ -633,7 +630,7 @@ def _bench_drain() -> None:
             worker.wait_ready()
             lab.spawn(lab.a, "flood", str(backlog)).result(timeout=60, stop=False)
             res = worker.result(timeout=120)
-            label = {"nl": "nlqueue", "nfq": "netfilterqueue"}[kind]
+            label = {"nl": "nfqueue", "nfq": "netfilterqueue"}[kind]
             n = res["handled"]
             print(f"drain {label} {mode[5:]}: {n:,} packets in {res['span']:.2f} s"
                   f" = {n / res['span']:,.0f} packets/s,"
