@@ -96,6 +96,8 @@ NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (pass it byte swapped)
 NLATTR = struct.Struct("=HH")  # nla_len, nla_type
 _NLMSG_LEN_TYPE = struct.Struct("=IH")
+#: nlmsg_len, nlmsg_type, then (past the rest of nlmsghdr and nfgenmsg) the first nla_len, nla_type.
+_NLMSG_LEN_TYPE_NLA = struct.Struct("=IH14xHH")
 _PKT_HDR = struct.Struct(">IHB")  # packet_id, hw_protocol, hook
 _BE32 = struct.Struct(">I")
 _ERRNO = struct.Struct("=i")
@@ -161,6 +163,7 @@ def parse_message(
     off: int,
     end: int,
     _hdr: Callable[..., tuple[int, int]] = _NLMSG_LEN_TYPE.unpack_from,
+    _hdr_nla: Callable[..., tuple[int, int, int, int]] = _NLMSG_LEN_TYPE_NLA.unpack_from,
     _nla: Callable[..., tuple[int, int]] = NLATTR.unpack_from,
     _pkt: Callable[..., tuple[int, int, int]] = _PKT_HDR.unpack_from,
     _be32: Callable[..., tuple[int]] = _BE32.unpack_from,
@@ -191,7 +194,11 @@ def parse_message(
     """
     if off < 0 or end > len(buf) or end - off < 16:
         return (_bad, end if end > off else off + 1, 0, 0, 0, 0, 0)
-    mlen, mtype = _hdr(buf, off)
+    if end - off >= 24:  # one unpack for the header and the first attribute's header
+        mlen, mtype, alen, atype = _hdr_nla(buf, off)
+    else:
+        mlen, mtype = _hdr(buf, off)
+        alen = atype = 0
     if mlen < 16 or mlen > end - off:
         return (_bad, end, 0, 0, 0, 0, 0)
     nxt = off + ((mlen + 3) & -4)  # NLMSG_ALIGN
@@ -204,8 +211,8 @@ def parse_message(
         hook = info = poff = 0
         plen = cap = -1
         ok = a <= mend
+        # a + 4 <= mend implies mlen >= 24, so alen, atype hold the attribute at a
         while a + 4 <= mend:
-            alen, atype = _nla(buf, a)
             if alen < 4 or alen > mend - a:
                 ok = False
                 break
@@ -226,6 +233,8 @@ def parse_message(
             elif atype == 13 and alen >= 8:  # NFQA_CAP_LEN
                 cap = _be32(buf, a + 4)[0]
             a += (alen + 3) & -4  # NLA_ALIGN
+            if a + 4 <= mend:
+                alen, atype = _nla(buf, a)
         if pid < 0:
             return (_bad, nxt, 0, 0, 0, 0, 0)
         if not ok or plen <= 0:
