@@ -144,7 +144,7 @@ class PacketLoop:
                 verdict = table.in2out(payload, self.now)
             else:
                 verdict = table.out2in(payload, self.now)
-            if verdict != DROP and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:
+            if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0
                 fill_l4_checksum(payload)
         except Exception:  # as above: drop and count, never stop the loop
             table.count_internal_error()
