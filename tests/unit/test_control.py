@@ -1,0 +1,134 @@
+"""The control socket serves clients concurrently, with per-client deadlines, a
+connection limit and root-only changes (gateway/adapters/control.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.adapters import control
+from gateway.adapters.control import ControlServer, RequestError, request, socket_mode
+
+
+def _handler(req: dict[str, Any]) -> Any:
+    if req["command"] == "boom":
+        raise RequestError("refused")
+    return {"echo": req["command"]}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ControlServer]:
+    srv = ControlServer(str(tmp_path / "c.sock"), _handler, max_clients=20, request_timeout=2.0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _idle(path: str, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        out.append(s)
+    return out
+
+
+def _read_all(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _wait(pred: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition did not hold in time"
+        time.sleep(0.02)
+
+
+def test_idle_clients_do_not_delay_a_request_and_are_closed_by_their_deadline(
+    server: ControlServer,
+) -> None:
+    """15 idle clients are open, yet a request is answered at once; each idle one is told and closed."""
+    idle = _idle(server.path, 15)
+    try:
+        _wait(lambda: server.stats()["clients"] == 15)
+        began = time.monotonic()
+        assert request(server.path, "status", timeout=3) == {"echo": "status"}
+        assert time.monotonic() - began < 1.5, "the answer must not wait for the idle clients' deadline"
+        for s in idle:
+            reply = json.loads(_read_all(s))
+            assert reply["ok"] is False and "no request within" in reply["error"], reply
+        _wait(lambda: server.stats()["clients"] == 0)
+        assert server.stats()["timed_out"] == 15
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connections_over_the_limit_get_an_error_line_and_are_counted(server: ControlServer) -> None:
+    """With 20 open, the 21st is answered with 'too many control connections' and closed at once."""
+    idle = _idle(server.path, 20)
+    try:
+        _wait(lambda: server.stats()["clients"] == 20)
+        with pytest.raises(RequestError, match="too many control connections"):
+            request(server.path, "status", timeout=0.4)
+        assert server.stats()["refused"] == 1
+    finally:
+        for s in idle:
+            s.close()
+    _wait(lambda: server.stats()["clients"] == 0)
+    assert request(server.path, "stats") == {"echo": "stats"}
+
+
+def test_reload_is_refused_to_a_non_root_peer(server: ControlServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer whose SO_PEERCRED uid is not 0 may read but not reload; root may reload."""
+    assert request(server.path, "reload") == {"echo": "reload"}
+    monkeypatch.setattr(control, "peer_uid", lambda conn: 65534)
+    assert request(server.path, "flows") == {"echo": "flows"}
+    with pytest.raises(RequestError, match="reload changes the gateway and needs root.*uid 65534"):
+        request(server.path, "reload")
+    assert server.stats()["denied"] == 1
+
+
+def test_bad_requests_and_handler_errors_are_answered_not_fatal(server: ControlServer) -> None:
+    """Garbage, a refused command and a half-sent request get an error line; the server goes on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(server.path)
+        s.sendall(b"not json\n")
+        assert json.loads(_read_all(s))["ok"] is False
+    with pytest.raises(RequestError, match="refused"):
+        request(server.path, "boom")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(server.path)
+        s.sendall(b'{"command": "st')
+        s.shutdown(socket.SHUT_WR)
+        assert json.loads(_read_all(s))["ok"] is False
+    assert request(server.path, "status") == {"echo": "status"}
+
+
+def test_socket_mode_follows_group_and_mode(tmp_path: Path) -> None:
+    """0600 by default, 0660 with a group, and control_mode when it is set."""
+    assert socket_mode(None, None) == 0o600
+    assert socket_mode("snatgw", None) == 0o660
+    assert socket_mode(None, 0o666) == 0o666
+    srv = ControlServer(str(tmp_path / "m.sock"), _handler, mode=0o640)
+    try:
+        assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o640
+    finally:
+        srv.close()
+    assert not (tmp_path / "m.sock").exists()
