@@ -79,6 +79,12 @@ class GatewayConfig:
     control_group: str | None = None
     #: ``(host, port)`` of the Prometheus endpoint; None: off.
     metrics: tuple[str, int] | None = None
+    #: The state file the table is saved to at stop and every ``state_interval``
+    #: seconds, and restored from at start (README, "Restarts and upgrades").
+    #: None: ``$STATE_DIRECTORY/state.json`` when systemd sets it (the unit's
+    #: StateDirectory=), else none; "": none.
+    state_file: str | None = None
+    state_interval: float = 5.0
 
     def restart_keys(self, other: GatewayConfig) -> list[str]:
         """Keys whose change a reload cannot apply (they need a restart)."""
@@ -100,6 +106,8 @@ _GATEWAY_KEYS = {
     "control_socket",
     "control_group",
     "metrics",
+    "state_file",
+    "state_interval",
 }
 
 
@@ -213,6 +221,10 @@ def parse(text: str, path: str) -> GatewayConfig:
     group = gw.get("control_group")
     if group is not None:
         group = r.string(group, "gateway.control_group")
+    state_file = gw.get("state_file")
+    if state_file is not None and not (isinstance(state_file, str) and state_file[:1] in ("", "/")):
+        raise r.fail("gateway.state_file", 'must be an absolute path, or "" for none')
+    state_interval = r.seconds(gw.get("state_interval", 5), "gateway.state_interval")
     metrics = None
     if "metrics" in gw:
         try:
@@ -305,7 +317,10 @@ def parse(text: str, path: str) -> GatewayConfig:
         plan(model)
     except ModelError as e:
         raise r.fail(e.key, e.problem) from None
-    return GatewayConfig(path, inside, outside, queue, model, maxlen, client, control, group, metrics)
+    return GatewayConfig(
+        path, inside, outside, queue, model, maxlen, client, control, group, metrics,
+        state_file=state_file, state_interval=state_interval,
+    )  # fmt: skip
 
 
 def load(path: str | Path) -> GatewayConfig:

@@ -22,6 +22,8 @@ from structlog.typing import FilteringBoundLogger
 from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.loop import PacketLoop
+from gateway.adapters.statefile import StateSaver, state_path
+from gateway.adapters.statefile import restore as restore_state
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.core import views
 from gateway.core.address import ip_str
@@ -66,6 +68,8 @@ class Gateway:
         self.started_wall = time.time()
         self.reloads = {"applied": 0, "rejected": 0}
         self.table = TranslationTable(cfg.model, self.started)
+        # Flows of the last run keep their ports (README, "Restarts and upgrades").
+        restore_state(self.table, state_path(cfg.state_file), log)
         self.publics = list(cfg.model.public_addresses())
         self.tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
         self.loop = PacketLoop(
@@ -75,6 +79,9 @@ class Gateway:
             max_len=cfg.queue_maxlen,
             on_events=self.flush_events,
             on_hup=self._on_hup,
+        )
+        self.saver = StateSaver(
+            self.table, self.loop, log, lambda: (state_path(self.cfg.state_file), self.cfg.state_interval)
         )
 
     def _on_hup(self) -> None:
@@ -109,7 +116,9 @@ class Gateway:
                 stop_metrics = serve(*self.metrics, self.metrics_snapshot)
             control.start()
             self.log.info("gateway_ready", **self.describe())
+            self.saver.start()
             self.loop.run()
+            self.saver.stop_and_save()
         finally:
             system.restore_forwarding(STATE_DIR)
             iptables.remove()

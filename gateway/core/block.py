@@ -188,6 +188,25 @@ class PortBlock:
         self._pos = remap
         self.size = size
 
+    def reserve(self, proto: int, port: int, dest: bytes) -> bool:
+        """Take ``port`` for one flow toward ``dest``, as :meth:`allocate` would
+        have: a flow restored from the state file keeps the port it had on the
+        wire (:mod:`gateway.core.persist`). False (nothing taken) if ``port`` is
+        not in the block. Start-up only: leaving the free line costs a scan of it.
+        """
+        if port >> CHUNK_SHIFT not in self._pos:
+            return False
+        inv = self.inventory(proto)
+        off = self.offset(port)
+        if inv.refs[off] == 0:
+            inv.free.remove(off)
+            inv.in_use += 1
+            if inv.in_use > inv.peak:
+                inv.peak = inv.in_use
+        inv.refs[off] += 1
+        inv.dest[dest] = inv.dest.get(dest, 0) + 1
+        return True
+
 
 @dataclass(slots=True)
 class BlockLayout:
