@@ -93,6 +93,66 @@ def _operator_command(name: str, render: Callable[[Any], str]) -> Callable[[argp
     return command
 
 
+def _endpoint(text: str) -> tuple[str, int]:
+    """``A.B.C.D:PORT`` as (address, port); ValueError says what is wrong."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    try:
+        ip = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        ip = ""
+    if not sep or not ip or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not PUBLIC_IP:PORT (an IPv4 address and a port)")
+    return ip, int(port)
+
+
+def _cmd_who(args: argparse.Namespace) -> int:
+    """``snatgw who IP:PORT``: from the running gateway, or with ``--at``/``--log`` from its log."""
+    from gateway import show, who
+
+    try:
+        ip, port = _endpoint(args.endpoint)
+        at = who.parse_time(args.at) if args.at is not None else None
+    except ValueError as e:
+        print(f"snatgw who: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.log is None and at is not None:
+        print("snatgw who: --at needs --log FILE (or --log - to read the log from stdin; "
+              "journalctl -u snatgw -o cat | snatgw who IP:PORT --at TIME --log -)", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.log is not None:
+        import time
+
+        try:
+            if args.log == "-":
+                result = who.who_at(who.records(sys.stdin), ip, port, at if at is not None else time.time())
+            else:
+                with open(args.log, encoding="utf-8", errors="replace") as fh:
+                    result = who.who_at(who.records(fh), ip, port, at if at is not None else time.time())
+        except OSError as e:
+            print(f"snatgw who: cannot read {args.log}: {e}", file=sys.stderr)
+            return EXIT_SYSTEM
+        print(json.dumps(result, indent=2) if args.json else show.who_log(result))
+        return 0
+    from gateway.adapters.control import RequestError, request
+
+    path = _socket_path(args)
+    params: dict[str, Any] = {"public_ip": ip, "port": port}
+    if args.proto is not None:
+        params["proto"] = args.proto
+    try:
+        live = request(path, "who", **params)
+    except RequestError as e:
+        print(f"snatgw who: {e}", file=sys.stderr)
+        return EXIT_SYSTEM
+    except (OSError, ValueError) as e:
+        print(f"snatgw who: cannot reach the gateway at {path}: {e}", file=sys.stderr)
+        return EXIT_SYSTEM
+    print(json.dumps(live, indent=2) if args.json else show.who(live))
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
         load(args.config)
@@ -138,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "flows":
             v.add_argument("--proto", choices=("tcp", "udp", "icmp"), help="only this protocol")
         v.set_defaults(func=_operator_command(name, render))
+    w = sub.add_parser(
+        "who",
+        help="which backend holds (or held, with --at and --log) a public IP:PORT, and its flows on it",
+    )
+    w.add_argument("endpoint", metavar="PUBLIC_IP:PORT")
+    w.add_argument("--proto", choices=("tcp", "udp", "icmp"), help="only flows of this protocol (live)")
+    w.add_argument("--at", metavar="TIME", help="ISO 8601 time or Unix seconds (needs --log)")
+    w.add_argument(
+        "--log", metavar="FILE", help="the gateway's JSON log to read ('-': stdin); default: ask the gateway"
+    )
+    w.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"control socket (default: $SNATGW_SOCKET or {DEFAULT_CONTROL_SOCKET})",
+    )
+    w.add_argument("--json", action="store_true", help="print the answer as JSON")
+    w.set_defaults(func=_cmd_who)
     try:
         from gateway.lab.cli import add_lab_parser
     except ImportError:

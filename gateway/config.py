@@ -47,6 +47,8 @@ RESTART_KEYS = (
     "queue_client",
     "control_socket",
     "control_group",
+    "control_mode",
+    "control_max_clients",
     "metrics",
 )
 
@@ -79,6 +81,11 @@ class GatewayConfig:
     control_group: str | None = None
     #: ``(host, port)`` of the Prometheus endpoint; None: off.
     metrics: tuple[str, int] | None = None
+    #: Permission bits of the control socket; None: 0660 with ``control_group``, else 0600.
+    #: Who may connect may run the read-only commands; ``reload`` needs uid 0 regardless.
+    control_mode: int | None = None
+    #: Control connections open at once; more are refused with an error line.
+    control_max_clients: int = 256
     #: The state file the table is saved to at stop and every ``state_interval``
     #: seconds, and restored from at start (README, "Restarts and upgrades").
     #: None: ``$STATE_DIRECTORY/state.json`` when systemd sets it (the unit's
@@ -105,6 +112,8 @@ _GATEWAY_KEYS = {
     "high_water",
     "control_socket",
     "control_group",
+    "control_mode",
+    "control_max_clients",
     "metrics",
     "state_file",
     "state_interval",
@@ -221,6 +230,8 @@ def parse(text: str, path: str) -> GatewayConfig:
     group = gw.get("control_group")
     if group is not None:
         group = r.string(group, "gateway.control_group")
+    mode = _control_mode(r, gw.get("control_mode"))
+    max_clients = r.integer(gw.get("control_max_clients", 256), "gateway.control_max_clients", 1, 4096)
     state_file = gw.get("state_file")
     if state_file is not None and not (isinstance(state_file, str) and state_file[:1] in ("", "/")):
         raise r.fail("gateway.state_file", 'must be an absolute path, or "" for none')
@@ -320,7 +331,25 @@ def parse(text: str, path: str) -> GatewayConfig:
     return GatewayConfig(
         path, inside, outside, queue, model, maxlen, client, control, group, metrics,
         state_file=state_file, state_interval=state_interval,
+        control_mode=mode, control_max_clients=max_clients,
     )  # fmt: skip
+
+
+def _control_mode(r: _Reader, value: Any) -> int | None:
+    """``control_mode``: an integer (TOML ``0o660``) or an octal string (``"0660"``) with
+    read and write for the owner and nothing beyond rwx bits."""
+    if value is None:
+        return None
+    mode = value
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            mode = None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise r.fail("gateway.control_mode", f"{value!r} is not a socket mode with owner read/write ("
+                     '"0600", "0660" or "0666")')
+    return mode
 
 
 def load(path: str | Path) -> GatewayConfig:

@@ -147,7 +147,7 @@ def status(s: dict[str, Any]) -> str:
         + (f" (tcp {s['tcp_queue']})" if s.get("tcp_queue") is not None else "")
         + f", client {s['queue_client']}",
         f"interfaces  inside {s['inside']}, outside {s['outside']}",
-        f"control     {s['control_socket']}",
+        f"control     {s['control_socket']}" + _control(s.get("control")),
         f"metrics     {s['metrics'] or 'off'}",
         f"reloads     applied {s['reloads']['applied']}, rejected {s['reloads']['rejected']}",
         f"flows       {s['flows']}",
@@ -181,6 +181,15 @@ def status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _control(c: dict[str, Any] | None) -> str:
+    if not c:
+        return ""
+    return (
+        f" (clients {c['clients']}/{c['max_clients']}, served {c['served']}, refused {c['refused']}, "
+        f"timed out {c['timed_out']}, denied {c['denied']})"
+    )
+
+
 def reload(r: dict[str, Any]) -> str:
     if not r["applied"]:
         return f"rejected {r['config']}: {r['key']}: {r['problem']}"
@@ -189,3 +198,40 @@ def reload(r: dict[str, Any]) -> str:
         f"public addresses +{r['addresses_added']} -{r['addresses_removed']}, "
         f"tier changes {r['tier_changes']}, flows ended {r['flows_ended']}"
     )
+
+
+def who(r: dict[str, Any]) -> str:
+    """``snatgw who IP:PORT``: the live holder of a public port and its flows on it."""
+    where = f"{r['public_ip']}:{r['port']}"
+    if r["kind"] is not None:
+        where += f" ({r['kind']}" + (f" {r['name']}" if r["name"] else "") + ")"
+    h = r["holder"]
+    if h is None:
+        return f"{where}: held by nobody now: {r['reason']}"
+    block = ",".join(f"{lo}-{hi}" for lo, hi in h["block"])
+    pool = f", pool {h['pool']}" if h["pool"] else ""
+    lines = [f"{where}: held by {h['backend']} ({h['scenario']}{pool}), block {block}"]
+    proto = f" ({r['protocol']})" if r["protocol"] else ""
+    lines.append(f"{len(r['flows'])} live flows on this port{proto}")
+    if r["flows"]:
+        lines.append(flows(r["flows"]).rsplit("\n", 1)[0])
+    return "\n".join(lines)
+
+
+def who_log(r: dict[str, Any]) -> str:
+    """``snatgw who IP:PORT --at TIME --log FILE``: who held it then, by the port-block log."""
+
+    def span(h: dict[str, Any]) -> str:
+        until = f"until {h['until']} ({h['end_event']})" if h["until"] else "and still at the end of the log"
+        return f"{h['backend']} from {h['since']} ({h['event']}) {until}"
+
+    head = f"{r['public_ip']}:{r['port']} at {r['at']}: "
+    lines = [head + ("held by " + span(r["holder"]) if r["holder"] else "held by nobody, per the log")]
+    if r["holder"] is None:
+        if r["previous"]:
+            lines.append("  before: " + span(r["previous"]))
+        if r["next"]:
+            lines.append("  after:  " + span(r["next"]))
+        if not r["intervals"]:
+            lines.append("  (no port_block_* line in the log covers this port)")
+    return "\n".join(lines)

@@ -67,9 +67,12 @@ class Gateway:
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.reloads = {"applied": 0, "rejected": 0}
+        #: The control socket once :meth:`run` opened it (its counters go into ``status``).
+        self.control: ControlServer | None = None
         self.table = TranslationTable(cfg.model, self.started)
         # Flows of the last run keep their ports (README, "Restarts and upgrades").
         restore_state(self.table, state_path(cfg.state_file), log)
+        self.table.announce_blocks()  # the port-block log says what the restored table holds
         self.publics = list(cfg.model.public_addresses())
         self.tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
         self.loop = PacketLoop(
@@ -101,7 +104,10 @@ class Gateway:
         signal.signal(signal.SIGINT, self.loop.stop)
         signal.signal(signal.SIGHUP, self.loop.request_reload)
         try:
-            control = ControlServer(cfg.control_socket, self.handle_request, cfg.control_group)
+            control = self.control = ControlServer(
+                cfg.control_socket, self.handle_request, cfg.control_group, cfg.control_mode,
+                cfg.control_max_clients,
+            )  # fmt: skip
         except (OSError, RuntimeError):
             self.loop.close()
             raise
@@ -236,6 +242,16 @@ class Gateway:
             return self.loop.call(self._status)
         if cmd == "reload":
             return self.loop.call(lambda: self.reload("control"))
+        if cmd == "who":
+            public = _ip_arg(request, "public_ip")
+            port = request.get("port")
+            if public is None or type(port) is not int or not 0 <= port <= 65535:
+                raise RequestError("who: needs public_ip and a port from 0 to 65535")
+            who_proto = request.get("proto")
+            wp = _PROTOS.get(who_proto) if who_proto is not None else None
+            if who_proto is not None and wp is None:
+                raise RequestError(f"proto: {who_proto!r} is not one of tcp, udp, icmp")
+            return self.loop.call(lambda: views.who(self.table, public, port, time.monotonic(), wp))
         raise RequestError(f"unknown command {cmd!r}")
 
     def _status(self) -> dict[str, Any]:
@@ -246,6 +262,7 @@ class Gateway:
             "uptime": round(now - self.started, 3),
             "started": self.started_wall,
             "reloads": dict(self.reloads),
+            "control": self.control.stats() if self.control is not None else None,
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:

@@ -57,6 +57,22 @@ class SnatPortsHighWater(_BackendEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class FlowLimitReached(_BackendEvent):
+    """A new flow of this backend was refused at a flow cap (RFC 6888 REQ-5;
+    docs/decisions.md, "Flow caps"); at most one per backend per minute.
+    ``limit`` is ``backend`` (``max_flows_per_backend``) or ``global``
+    (``max_flows``), ``max_flows`` that cap's value and ``flows`` the
+    backend's live flows."""
+
+    name: ClassVar[str] = "flow_limit_reached"
+    limit: str
+    max_flows: int
+    flows: int
+    #: Refusals not logged since the last event of this backend.
+    suppressed: int
+
+
+@dataclass(frozen=True, slots=True)
 class _AddressEvent:
     """About every backend of one public address; ``address_name`` is the
     frontend's name ("" for a default SNAT address), logged as ``name``."""
@@ -90,7 +106,66 @@ class PortsReclaimed(_AddressEvent):
     flows_ended: int
 
 
-Event = SnatPortExhausted | SnatPortsHighWater | PoolTierChanged | PortsReclaimed
+#: Port ranges of a block as (first, last) pairs, in the block's order.
+Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _PortBlockEvent:
+    """Port-block logging (RFC 6888 section 4, REQ-12 and RFC 7422): one line when
+    a backend's block is allocated, resized or released, so that "who held public
+    ip:port at time T" is answered from the log without one line per flow. A
+    block serves TCP, UDP and ICMP alike. The time is the log line's
+    ``timestamp`` (the adapter logs the core's events between two packet
+    batches). An instance IP's backend holds every port (``0-65535``)."""
+
+    level: ClassVar[str] = "info"
+
+    backend: str
+    public_ip: str
+    ranges: Ranges
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PortBlockAllocated(_PortBlockEvent):
+    """A backend got its block: at start or reload for a configured one, at its first
+    packet for a standalone one (after a release it may get another)."""
+
+    name: ClassVar[str] = "port_block_allocated"
+    scenario: str
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class PortBlockResized(_PortBlockEvent):
+    """A block changed: a tier move halved or grew it, or an excluded port swapped a
+    chunk. ``old_ranges`` are what it held before; ports in them but not in
+    ``ranges`` went back to the address (their flows ended)."""
+
+    name: ClassVar[str] = "port_block_resized"
+    old_ranges: Ranges
+    old_size: int
+    reason: ReclaimReason
+
+
+@dataclass(frozen=True, slots=True)
+class PortBlockReleased(_PortBlockEvent):
+    """A backend's block went back to its address (reload, address removed, idle release)."""
+
+    name: ClassVar[str] = "port_block_released"
+    reason: ReclaimReason
+
+
+PortBlockEvent = PortBlockAllocated | PortBlockResized | PortBlockReleased
+Event = (
+    SnatPortExhausted
+    | SnatPortsHighWater
+    | FlowLimitReached
+    | PoolTierChanged
+    | PortsReclaimed
+    | PortBlockEvent
+)
 
 
 def fields(event: Event) -> dict[str, Any]:
@@ -98,6 +173,6 @@ def fields(event: Event) -> dict[str, Any]:
     out = asdict(event)
     if "address_name" in out:
         out["name"] = out.pop("address_name")
-    if isinstance(event, PortsReclaimed):
+    if isinstance(event, PortsReclaimed | PortBlockResized | PortBlockReleased):
         out["reason"] = str(event.reason)
     return out

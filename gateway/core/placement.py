@@ -29,6 +29,7 @@ class Placement(Reconfigure):
         be = self.backends.get(src)
         if be is None:
             be = self._add_standalone(src)
+            self._stamp_tier_changes(now)  # a tier move it caused happened now (rate limit)
             if be is None:
                 self.counters[Counter.DROP_NO_PUBLIC_ADDRESS] += 1
                 return None

@@ -4,7 +4,17 @@ ports and the release of silent standalone backends (docs/model.md, "Resizing").
 Every change keeps the flows it does not affect. A move into a higher tier
 halves every block on the address and ends the flows on the reclaimed ports;
 a move into a lower tier grows every block and ends nothing. Whatever ends
-is said in one ``ports_reclaimed`` event per address and reason.
+is said in one ``ports_reclaimed`` event per address and reason, and every
+block that is allocated, resized or released in one ``port_block_*`` event
+(port-block logging, RFC 6888 section 4 and RFC 7422).
+
+Tier moves are rate-limited per address (docs/decisions.md, "Tier changes
+are rate-limited"): a move into a higher tier happens whenever a new backend
+needs it, but a move back into a lower tier (growing every block) waits
+until the address has held its tier for ``idle_timeout``. The standalone
+backends whose release would cause it stay vacant until then, so backends
+that come and go, or spoofed sources that provoke placements, cannot make
+an address flap and halve everyone's blocks more than once per period.
 """
 
 from __future__ import annotations
@@ -12,7 +22,15 @@ from __future__ import annotations
 from gateway.core.address import AddressKind, Backend, PublicAddress, Scenario, ip_str, new_pat_address
 from gateway.core.block import CHUNK_SHIFT, PortBlock
 from gateway.core.counters import END_COUNTER
-from gateway.core.events import PoolTierChanged, PortsReclaimed, ReclaimReason
+from gateway.core.events import (
+    PoolTierChanged,
+    PortBlockAllocated,
+    PortBlockReleased,
+    PortBlockResized,
+    PortsReclaimed,
+    Ranges,
+    ReclaimReason,
+)
 from gateway.core.flow import EndReason, timeout_for
 from gateway.core.lifecycle import FlowLifecycle
 from gateway.core.model import GatewayModel
@@ -21,6 +39,17 @@ from gateway.core.tier import ports_per_backend
 
 #: Keys of the summary :meth:`Reconfigure.reconfigure` returns (``config_reloaded``).
 SUMMARY_KEYS = ("addresses_added", "addresses_removed", "backends_added", "backends_removed", "tier_changes")
+#: What an instance IP's backend holds: every port of its own address (no translation).
+ALL_PORTS: Ranges = ((0, 65535),)
+
+
+def block_ranges(block: PortBlock | None) -> Ranges:
+    """The ports ``block`` holds as (first, last) ranges; an instance IP (no block) holds all."""
+    return ALL_PORTS if block is None else tuple(block.ranges())
+
+
+def block_size(block: PortBlock | None) -> int:
+    return 65536 if block is None else block.size
 
 
 class Reconfigure(FlowLifecycle):
@@ -76,7 +105,7 @@ class Reconfigure(FlowLifecycle):
             if ap.excluded != addr.layout.excluded:
                 self._exclude(addr, ap.excluded)
             count = len(p.members(ip)) if addr.kind == AddressKind.FRONTEND else len(addr.members)
-            if self._resize(addr, ports_per_backend(count), count):
+            if self._resize(addr, ports_per_backend(count), count, now):
                 summary["tier_changes"] += 1
         for bip in sorted(p.placements):
             if bip in self.backends:
@@ -104,11 +133,35 @@ class Reconfigure(FlowLifecycle):
         return sum(self.counters[c] for c in END_COUNTER.values())
 
     def _add_backend(self, be: Backend) -> None:
+        """Make ``be`` a member of its address, with a ``port_block_allocated`` event
+        (not for a PAT backend whose block is laid out later: a state restore, which
+        ends with :meth:`announce_blocks`)."""
         be.address.members[be.ip] = be
         self.backends[be.ip] = be
+        if be.block is not None or be.address.layout is None:
+            self.events.append(self._allocated(be))
 
-    def _remove_backend(self, be: Backend) -> int:
-        """End every flow of ``be`` and give its block back; returns how many flows ended."""
+    def _allocated(self, be: Backend) -> PortBlockAllocated:
+        return PortBlockAllocated(
+            ip_str(be.ip), ip_str(be.address.ip), block_ranges(be.block), block_size(be.block),
+            be.scenario.label, be.pool,
+        )  # fmt: skip
+
+    def announce_blocks(self) -> None:
+        """Replace the port-block events not yet drained by one ``port_block_allocated``
+        per backend as its block stands now.
+
+        For the adapter after a state restore, which lays blocks out again
+        without events: the log then says what this run really holds (the
+        ``snatgw who --at`` lookup starts afresh at each ``gateway_ready``).
+        """
+        kinds = (PortBlockAllocated, PortBlockResized, PortBlockReleased)
+        self.events[:] = [e for e in self.events if not isinstance(e, kinds)]
+        self.events += [self._allocated(be) for be in sorted(self.backends.values(), key=lambda b: b.ip)]
+
+    def _remove_backend(self, be: Backend, reason: ReclaimReason) -> int:
+        """End every flow of ``be`` and give its block back (``port_block_released``);
+        returns how many flows ended."""
         ended = len(be.flows)
         for f in list(be.flows):
             self.end_flow(f, EndReason.REMOVED)
@@ -117,7 +170,21 @@ class Reconfigure(FlowLifecycle):
             addr.layout.give(be.block.chunks)
         addr.members.pop(be.ip, None)
         self.backends.pop(be.ip, None)
+        self.events.append(
+            PortBlockReleased(
+                ip_str(be.ip), ip_str(addr.ip), block_ranges(be.block), block_size(be.block), reason
+            )
+        )
         return ended
+
+    def _block_resized(self, be: Backend, old: Ranges, old_size: int, reason: ReclaimReason) -> None:
+        block = be.block
+        assert block is not None
+        self.events.append(
+            PortBlockResized(
+                ip_str(be.ip), ip_str(be.address.ip), block_ranges(block), block.size, old, old_size, reason
+            )
+        )
 
     def _drop_backends(self, addr: PublicAddress, backends: list[Backend], reason: ReclaimReason) -> None:
         """Remove ``backends`` of ``addr`` (their flows end, their blocks go back) and
@@ -125,7 +192,7 @@ class Reconfigure(FlowLifecycle):
         flows = ports = 0
         for be in backends:
             ports += be.block.size if be.block is not None else 0
-            flows += self._remove_backend(be)
+            flows += self._remove_backend(be, reason)
         self._reclaimed(addr, reason, flows, ports, len(backends))
 
     def _remove_address(self, addr: PublicAddress) -> int:
@@ -148,11 +215,13 @@ class Reconfigure(FlowLifecycle):
             self.end_flow(f, EndReason.RECLAIMED)
         return len(doomed)
 
-    def _resize(self, addr: PublicAddress, size: int, backends: int) -> bool:
+    def _resize(self, addr: PublicAddress, size: int, backends: int, now: float | None = None) -> bool:
         """Move ``addr`` to the tier whose block size is ``size``; False if it is there.
 
         Smaller blocks keep their first chunks and the flows there; larger
-        ones append chunks, next to the block when they are free.
+        ones append chunks, next to the block when they are free. ``now``
+        (None: a placement, stamped by :meth:`_stamp_tier_changes`) is
+        remembered for the rate limit on moves into a lower tier.
         """
         layout = addr.layout
         assert layout is not None
@@ -161,6 +230,10 @@ class Reconfigure(FlowLifecycle):
             return False
         layout.size = size
         self.tier_changes += 1
+        if now is None:
+            self._tier_unstamped.append(addr.ip)
+        else:
+            self._tier_changed[addr.ip] = now
         want = size >> CHUNK_SHIFT
         flows = ports = 0
         members = sorted(addr.members.values(), key=lambda b: b.ip)
@@ -168,6 +241,7 @@ class Reconfigure(FlowLifecycle):
             block = be.block
             if block is None:
                 continue
+            before, before_size = block_ranges(block), block.size
             if len(block.chunks) > want:
                 leaving = block.chunks[want:]
                 flows += self._end_on_chunks(be, set(leaving))
@@ -178,6 +252,8 @@ class Reconfigure(FlowLifecycle):
                 extra = layout.take(want - len(block.chunks), block.chunks[-1] if block.chunks else -1)
                 if extra is not None:
                     block.retile(block.chunks + extra)
+            if block.size != before_size:
+                self._block_resized(be, before, before_size, ReclaimReason.TIER_CHANGE)
         self.events.append(
             PoolTierChanged(ip_str(addr.ip), addr.name, addr.kind, backends, old, size, addr.tier)
         )
@@ -200,18 +276,32 @@ class Reconfigure(FlowLifecycle):
             if not hit:
                 continue
             backends += 1
+            before, before_size = block_ranges(block), block.size
             flows += self._end_on_chunks(be, hit)
             ports += len(hit) << CHUNK_SHIFT
             kept = [c for c in block.chunks if c not in hit]
             block.retile(kept + (layout.take(len(hit)) or []))
+            self._block_resized(be, before, before_size, ReclaimReason.PORT_EXCLUDED)
         if ports:
             self._reclaimed(addr, ReclaimReason.PORT_EXCLUDED, flows, ports, backends)
+
+    def _stamp_tier_changes(self, now: float) -> None:
+        """Give tier moves made by a placement (no clock of their own) the time ``now``
+        (placement calls this right after it placed a standalone backend)."""
+        for ip in self._tier_unstamped:
+            self._tier_changed[ip] = now
+        self._tier_unstamped.clear()
 
     def _release_vacant(self, now: float) -> None:
         """Give the blocks of long-silent standalone backends back to their default
         address, which may then fall to a lower tier and grow every other block
         (a shrinking pool ends no flow). A backend that speaks again later is
-        placed afresh, like a new one."""
+        placed afresh, like a new one.
+
+        Rate limit: when the releases due on an address would move it into a
+        lower tier less than ``idle_timeout`` after its last tier change, they
+        wait (still vacant) until that much time has passed."""
+        self._stamp_tier_changes(now)
         idle = self.timeouts.idle
         released: dict[int, list[Backend]] = {}
         due = float("inf")
@@ -225,10 +315,24 @@ class Reconfigure(FlowLifecycle):
                 released.setdefault(be.address.ip, []).append(be)
             else:
                 due = min(due, since + idle)
-        self._vacant_due = due
         for ip, bes in released.items():
             addr = self.addresses[ip]
+            hold_until = self._grow_allowed_at(addr, len(addr.members) - len(bes))
+            if now < hold_until:
+                for be in bes:
+                    self._vacant[be.ip] = be
+                due = min(due, hold_until)
+                continue
             self._drop_backends(addr, bes, ReclaimReason.BACKEND_IDLE)
             if addr.layout is not None:
                 count = len(addr.members)
-                self._resize(addr, ports_per_backend(count), count)
+                self._resize(addr, ports_per_backend(count), count, now)
+        self._vacant_due = due
+
+    def _grow_allowed_at(self, addr: PublicAddress, count: int) -> float:
+        """When ``addr`` may move to the tier of ``count`` backends: at once unless that is
+        a lower tier (larger blocks), then ``idle_timeout`` after its last tier change."""
+        layout = addr.layout
+        if layout is None or ports_per_backend(count) <= layout.size:
+            return float("-inf")
+        return self._tier_changed.get(addr.ip, float("-inf")) + self.timeouts.idle

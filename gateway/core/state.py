@@ -21,6 +21,8 @@ per-packet path at one attribute lookup per table field, as before the split.
 
 from __future__ import annotations
 
+from random import Random
+
 from gateway.core.address import Backend, PublicAddress
 from gateway.core.counters import Counter
 from gateway.core.events import Event
@@ -43,8 +45,11 @@ class TableState:
     every flow is in both, under the keys it owns (:mod:`gateway.core.flow`).
     """
 
-    def __init__(self, model: GatewayModel, now: float) -> None:
+    def __init__(self, model: GatewayModel, now: float, rng: Random | None = None) -> None:
         self.model = model
+        #: The table's own random source (port choice, docs/decisions.md "Port choice"):
+        #: passed in so tests are deterministic; never the module-global one.
+        self.rng = rng if rng is not None else Random()
         self.timeouts = model.timeouts
         self.addresses: dict[int, PublicAddress] = {}
         self.backends: dict[int, Backend] = {}
@@ -58,6 +63,16 @@ class TableState:
         #: Standalone backends whose last flow ended, and the earliest time one may go.
         self._vacant: dict[int, Backend] = {}
         self._vacant_due = float("inf")
+        #: When each PAT address last changed tier, for the rate limit on moves into a
+        #: lower tier; addresses moved by a placement wait in ``_tier_unstamped`` for
+        #: the packet's time (``reconfigure``).
+        self._tier_changed: dict[int, float] = {}
+        self._tier_unstamped: list[int] = []
+        #: Live flows (the global flow cap counts against it), and the backend that
+        #: held the most flows when last looked for (``_hog_at``; docs/decisions.md, "Flow caps").
+        self.flows_live = 0
+        self._hog: Backend | None = None
+        self._hog_at = float("-inf")
         self.inside: dict[int, FlowMap] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self.outside: dict[int, FlowMap] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}
         self._tcp_inside = self.inside[PROTO_TCP]

@@ -14,9 +14,11 @@ import heapq
 from typing import Any, NamedTuple
 
 from gateway.core.address import SCENARIO_NAMES, Backend, ip_str
+from gateway.core.block import CHUNK_SHIFT
 from gateway.core.flow import STATE_NAMES
 from gateway.core.model import PROTO_NAMES
 from gateway.core.table import TranslationTable
+from gateway.core.tier import PORT_MIN
 
 
 class FlowRecord(NamedTuple):
@@ -210,3 +212,72 @@ def status(table: TranslationTable) -> dict[str, Any]:
             }
         )
     return {"addresses": addresses, "pools": pools, "flows": table.flow_count()}
+
+
+def who(
+    table: TranslationTable, public_ip: int, port: int, now: float, proto: int | None = None
+) -> dict[str, Any]:
+    """Who holds ``public_ip:port`` now: the backend whose block holds the port (an
+    instance IP's backend holds every port of its address) and its live flows on it
+    (``snatgw who``; RFC 6888 section 4 asks that a CGN can say this).
+
+    ``holder`` is None with a ``reason`` when nobody does: not one of our
+    addresses, an LB rule's frontend port, below the SNAT range, or a free
+    chunk. ``proto`` only filters the flows: a block serves TCP, UDP and
+    ICMP alike. Costs one pass over the address's members and the holder's
+    flows (in the loop's thread).
+    """
+    out: dict[str, Any] = {
+        "public_ip": ip_str(public_ip),
+        "port": port,
+        "protocol": PROTO_NAMES[proto] if proto is not None else None,
+        "kind": None,
+        "name": None,
+        "holder": None,
+        "reason": None,
+        "flows": [],
+    }
+    addr = table.addresses.get(public_ip)
+    if addr is None:
+        out["reason"] = "not a public address of this gateway"
+        return out
+    out["kind"], out["name"] = str(addr.kind), addr.name
+    holder: Backend | None = None
+    layout = addr.layout
+    if layout is None:
+        holder = next(iter(addr.members.values()), None)
+        if holder is None:
+            out["reason"] = "instance IP without its backend"
+    elif port in layout.excluded:
+        out["reason"] = "frontend port of an LB rule: never in a block"
+    elif port < PORT_MIN:
+        out["reason"] = f"below {PORT_MIN}: never used for SNAT"
+    else:
+        chunk = port >> CHUNK_SHIFT
+        holder = next(
+            (b for b in addr.members.values() if b.block is not None and chunk in b.block.chunks), None
+        )
+        if holder is None:
+            out["reason"] = "in no backend's block (free)"
+    if holder is None:
+        return out
+    block = holder.block
+    out["holder"] = {
+        "backend": ip_str(holder.ip),
+        "scenario": SCENARIO_NAMES[holder.scenario],
+        "pool": holder.pool,
+        "block": [list(r) for r in block.ranges()] if block is not None else [[0, 65535]],
+        "allocated": block.size if block is not None else None,
+        "flows": len(holder.flows),
+    }
+    mine = [f for f in holder.flows if f.public_port == port and (proto is None or f.proto == proto)]
+    out["flows"] = flow_rows(
+        [
+            FlowRecord(f.proto, f.backend, f.backend_port, f.public, f.public_port, f.remote, f.remote_port,
+                       f.scenario, f.state, f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in,
+                       f.bytes_in)
+            for f in mine
+        ],
+        now,
+    )  # fmt: skip
+    return out

@@ -399,3 +399,52 @@ def test_status_pool_without_an_lb_rule_has_no_frontend() -> None:
     sport, src, _ = out(t, udp("10.10.4.1", SERVER, 40000, 5000), 1.0)
     assert src in DEFAULTS
     assert sum(a["backends"] for a in views.status(t)["addresses"] if a["kind"] == "default_snat") == 1
+
+
+# --------------------------------------------------------------------------- who
+
+
+def test_who_names_the_block_holder_and_its_live_flows_on_that_port() -> None:
+    """who() on a pool member's port: the member, its block, and only the flows on that port."""
+    t = busy_table()
+    udp_flow = next(f for f in t.backends[ip(POOL[0])].flows)
+    port = udp_flow.public_port
+    r = as_json(views.who(t, ip(FRONTEND), port, 7.0))
+    assert r["kind"] == "frontend" and r["name"] == "fe-web" and r["reason"] is None
+    assert r["holder"] == {
+        "backend": POOL[0], "scenario": "lb", "pool": "web", "block": [[1024, 2047]], "allocated": 1024,
+        "flows": 1,
+    }  # fmt: skip
+    assert [(f["protocol"], f["public_port"], f["remote"]) for f in r["flows"]] == [("udp", port, SERVER)]
+    assert views.who(t, ip(FRONTEND), port, 7.0, PROTO_TCP)["flows"] == []
+    assert views.who(t, ip(FRONTEND), 2047, 7.0)["holder"]["backend"] == POOL[0]
+    assert views.who(t, ip(FRONTEND), 2048, 7.0)["holder"]["backend"] == POOL[1]
+
+
+def test_who_says_why_nobody_holds_a_port() -> None:
+    """Not ours, an LB rule's frontend port, below 1024, a free chunk: holder None with a reason."""
+    t = busy_table()
+    cases = {
+        ("203.0.113.1", 5000): "not a public address",
+        (FRONTEND, 80): "frontend port of an LB rule",
+        (FRONTEND, 1000): "below 1024",
+        (FRONTEND, 60000): "in no backend's block",
+    }
+    for (addr, port), reason in cases.items():
+        r = views.who(t, ip(addr), port, 7.0)
+        assert r["holder"] is None and reason in r["reason"], (addr, port, r)
+
+
+def test_who_on_an_instance_ip_and_a_standalone_backend() -> None:
+    """An instance IP's backend holds every port; a standalone one its block on the default address."""
+    t = busy_table()
+    r = views.who(t, ip(INSTANCE_PUBLIC), 40003, 7.0)
+    assert r["holder"]["backend"] == INSTANCE and r["holder"]["block"] == [[0, 65535]]
+    assert [f["backend_port"] for f in r["flows"]] == [40003]
+    assert views.who(t, ip(INSTANCE_PUBLIC), 9, 7.0)["flows"] == []
+    sa = t.backends[ip(STANDALONE)]
+    (f,) = sa.flows
+    r = views.who(t, sa.address.ip, f.public_port, 7.0, PROTO_UDP)
+    assert r["kind"] == "default_snat" and r["holder"]["backend"] == STANDALONE
+    assert r["holder"]["scenario"] == "default" and len(r["flows"]) == 1
+    assert r["public_ip"] in DEFAULTS
