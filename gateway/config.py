@@ -110,6 +110,9 @@ _GATEWAY_KEYS = {
     "tcp_rst_linger",
     "exhaustion_event_interval",
     "high_water",
+    "max_flows",
+    "max_flows_per_backend",
+    "random_ports",
     "control_socket",
     "control_group",
     "control_mode",
@@ -224,6 +227,13 @@ def parse(text: str, path: str) -> GatewayConfig:
     high = gw.get("high_water", 0.8)
     if isinstance(high, bool) or not isinstance(high, int | float) or not 0 < high <= 1:
         raise r.fail("gateway.high_water", "must be a share of the block above 0 and at most 1 (0.8 is 80%)")
+    max_flows = r.integer(gw.get("max_flows", 262144), "gateway.max_flows", 1, 16_777_216)
+    max_per_backend = r.integer(
+        gw.get("max_flows_per_backend", 65536), "gateway.max_flows_per_backend", 1, 16_777_216
+    )
+    random_ports = gw.get("random_ports", True)
+    if not isinstance(random_ports, bool):
+        raise r.fail("gateway.random_ports", "must be true or false")
     control = gw.get("control_socket", DEFAULT_CONTROL_SOCKET)
     if not isinstance(control, str) or not control.startswith("/") or len(control.encode()) > 107:
         raise r.fail("gateway.control_socket", "must be an absolute path of at most 107 bytes")
@@ -323,6 +333,9 @@ def parse(text: str, path: str) -> GatewayConfig:
         timeouts=timeouts,
         exhaustion_event_interval=interval,
         high_water=float(high),
+        max_flows=max_flows,
+        max_flows_per_backend=max_per_backend,
+        random_ports=random_ports,
     )
     try:
         plan(model)

@@ -87,6 +87,14 @@ class GatewayCollector:
                      ((backend(r) + [p], r["in_use"].get(p, 0)) for r in rows for p in PROTOCOLS))
         yield family(C, "snatgw_snat_port_exhaustion", "New flows that failed because the backend's block "
                      "had no port", _BACKEND, ((backend(r), r["exhausted"]) for r in rows))
+        yield family(C, "snatgw_flow_limit_drops", "New flows refused at a flow cap (max_flows_per_backend "
+                     "or max_flows)", _BACKEND, ((backend(r), r["flow_limit_drops"]) for r in rows))
+        yield family(G, "snatgw_backend_flows", "Live flows of the backend (max_flows_per_backend caps it)",
+                     _BACKEND, ((backend(r), r["flows"]) for r in rows))
+        caps = stats["flow_limits"]
+        yield family(G, "snatgw_max_flows", "Flow caps: max_flows (global) and max_flows_per_backend",
+                     ["scope"], ((["global"], caps["max_flows"]),
+                                 (["per_backend"], caps["max_flows_per_backend"])))
         yield family(C, "snatgw_packets", "Packets translated", ["direction"],
                      (([d], c[f"{d}_translated"]) for d in ("in2out", "out2in")))
         yield family(C, "snatgw_icmp_errors", "ICMP errors translated", ["direction"],

@@ -10,6 +10,7 @@ this one module because each refers to the other.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
@@ -101,6 +102,13 @@ class Backend:
     last_exhausted: float = float("-inf")
     last_event: float = float("-inf")
     suppressed: int = 0
-    #: A standalone backend without flows: the last packet time of its last flow
-    #: (it gives its block back ``idle_timeout`` after that).
+    #: A standalone backend without flows: when its last flow ended (it gives its
+    #: block back ``idle_timeout`` after that).
     vacant_since: float | None = None
+    #: Flow caps (docs/decisions.md, "Flow caps"): flows not yet seen replied,
+    #: oldest first (cleaned lazily: the early drop skips replied ones), new
+    #: flows refused at a cap, and the rate limit of ``flow_limit_reached``.
+    unreplied: OrderedDict[Flow, None] = field(default_factory=OrderedDict)
+    refused: int = 0
+    refused_event: float = float("-inf")
+    refused_suppressed: int = 0

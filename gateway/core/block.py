@@ -12,13 +12,17 @@ leaves its block ("no existing flow is affected").
 
 Allocation is endpoint-dependent, as the model asks: a port may carry
 several flows as long as their destinations (protocol, ip, port) differ. A
-new flow first takes the least recently released free port, so a port goes
-back to the end of the line when its last flow ends and is not reused toward
-the same destination sooner than necessary; only when no free port is left
-does it share a port already in use toward other destinations. The search
-for a shareable port is bounded by the block size (at most 1024 probes, and
-none while a free port exists), so its cost never grows with the number of
-flows.
+new flow takes a free port picked at random among the older half of the
+free line (RFC 6056 section 3, RFC 7857 section 9: a port an outsider cannot
+guess), and a port goes back to the end of the line when its last flow ends,
+so it is not reused toward the same destination before at least half of the
+other free ports have been handed out (docs/decisions.md, "Port choice").
+Without a random source (``random_ports = false``) the head of the line is
+taken: least recently released first, the order of earlier versions. Only
+when no free port is left does a flow share a port already in use toward
+other destinations. The search for a shareable port is bounded by the block
+size (at most 1024 probes, from a random start, and none while a free port
+exists), so its cost never grows with the number of flows.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from random import Random
 
 from gateway.core.tier import PORT_MAX, PORT_MIN
 
@@ -105,23 +110,33 @@ class PortBlock:
             inv = self.inventories[proto] = Inventory(self.size)
         return inv
 
-    def allocate(self, proto: int, taken: Mapping[bytes, object], prefix: bytes, dest: bytes) -> int:
+    def allocate(
+        self, proto: int, taken: Mapping[bytes, object], prefix: bytes, dest: bytes, rng: Random | None = None
+    ) -> int:
         """A port for a new flow toward ``dest``, or -1 when the block is exhausted for it.
 
         ``taken`` is the table's out2in map for ``proto``: ``prefix + port``
         (remote ip, public ip, remote port, public port) is in it when that
-        port already carries a flow to this destination.
+        port already carries a flow to this destination. With ``rng`` the
+        port is drawn from the older half of the free line (swapped to its
+        head, then taken: O(1) for a deque of at most 1024), and the search
+        for a shared port starts at a random offset; without, the line's head.
         """
         inv = self.inventory(proto)
         used = inv.dest.get(dest, 0)
         if used >= inv.size:
             return -1
         refs = inv.refs
-        if inv.free:
-            off = inv.free.popleft()
+        free = inv.free
+        if free:
+            if rng is not None and len(free) > 1:
+                i = rng.randrange((len(free) + 1) >> 1)
+                if i:
+                    free[0], free[i] = free[i], free[0]
+            off = free.popleft()
         else:
             off = -1
-            c = inv.cursor
+            c = inv.cursor if rng is None else rng.randrange(inv.size)
             size = inv.size
             for _ in range(size):
                 c += 1

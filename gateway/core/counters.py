@@ -38,6 +38,17 @@ class Counter(IntEnum):
     DROP_NO_PUBLIC_ADDRESS = 14
     #: The core raised: a bug, never input (the adapter drops the packet and counts it).
     DROP_INTERNAL = 15
+    #: A FIN or RST from the outside outside the backend's receive window (RFC 5961;
+    #: :func:`gateway.core.flow.in_window`): the flow is not touched.
+    DROP_TCP_OUT_OF_WINDOW = 16
+    #: From the inside, no flow, and a TCP packet that cannot open one: a bare ACK, a
+    #: RST, a SYN-ACK (docs/decisions.md, "TCP tracking"); it takes no port.
+    DROP_TCP_NO_FLOW = 17
+    #: A new flow refused: its backend (or the gateway) is at its flow cap and no
+    #: flow without a reply could be dropped to make room (docs/decisions.md, "Flow caps").
+    DROP_FLOW_LIMIT = 18
+    #: Flows ended by early drop, to make room under a flow cap.
+    FLOWS_ENDED_EARLY_DROP = 19
 
 
 #: Public counter names, in index order (``snatgw stats``, ``gateway_stopped``, metrics).
@@ -49,4 +60,5 @@ END_COUNTER: dict[str, Counter] = {
     EndReason.CLOSED: Counter.FLOWS_ENDED_CLOSED,
     EndReason.RECLAIMED: Counter.FLOWS_ENDED_RECLAIMED,
     EndReason.REMOVED: Counter.FLOWS_ENDED_REMOVED,
+    EndReason.EARLY_DROP: Counter.FLOWS_ENDED_EARLY_DROP,
 }

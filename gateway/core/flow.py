@@ -13,6 +13,7 @@ key** how an out2in packet does.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -48,6 +49,8 @@ class EndReason(StrEnum):
     CLOSED = "closed"
     RECLAIMED = "reclaimed"
     REMOVED = "removed"
+    #: Ended to make room under a flow cap: it never saw a reply (conntrack's early drop).
+    EARLY_DROP = "early_drop"
 
 
 #: Which ``Timeouts`` field bounds the idle time of each state.
@@ -96,6 +99,77 @@ def tcp_next_state(state: int, fins: int, flags: int, in2out: bool) -> tuple[int
     if state == TcpState.SYN_SENT and not in2out and flags & TcpFlag.SYN:
         return TcpState.ESTABLISHED, fins
     return state, fins
+
+
+#: From TCP header offset 4: sequence, acknowledgement, data offset byte, flags, window.
+TCP_TRACK = struct.Struct("!IIBBH").unpack_from
+#: From TCP header offset 8: acknowledgement, flags, window (the per-packet update).
+TCP_ACK_WIN = struct.Struct("!IxBH").unpack_from
+
+#: Sequence numbers are modulo 2**32 (RFC 9293, section 3.4).
+SEQ_MASK = 0xFFFFFFFF
+#: RFC 7323 section 2.3: the largest window shift; assumed when the SYN was not seen.
+MAX_WSCALE = 14
+#: ``trk_ack``/``trk_isn`` before the value is known.
+UNKNOWN = -1
+
+
+def syn_wscale(buf: bytes | bytearray | memoryview, ihl: int, doff: int) -> int:
+    """The window shift a SYN's options announce (RFC 7323 section 2.2), 0 without the option.
+
+    Walks the options between the fixed header and ``doff``; a malformed
+    option list ends the walk (never raises). Values above 14 count as 14.
+    """
+    i = ihl + 20
+    end = ihl + doff
+    while i < end:
+        kind = buf[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        ln = buf[i + 1]
+        if ln < 2 or i + ln > end:
+            break
+        if kind == 3 and ln == 3:
+            return min(buf[i + 2], MAX_WSCALE)
+        i += ln
+    return 0
+
+
+def in_window(f: Flow, flags: int, seq: int, ack: int) -> bool:
+    """Whether a FIN or RST from the outside lies in the backend's receive window.
+
+    The window is what the backend itself said, never what the outside said:
+    ``trk_ack`` is the last acknowledgement number the backend sent (its
+    RCV.NXT as the gateway last saw it) and ``trk_win << trk_scale`` the
+    largest window it advertised. A remote can only send up to an ack + window
+    the backend sent, and the gateway saw that packet first, so a genuine
+    segment is never above the bound.
+
+    - RST: RCV.NXT <= SEG.SEQ <= RCV.NXT + RCV.WND (RFC 5961 section 3.2, as
+      Linux conntrack applies it: a NAT cannot send the challenge ACK, so any
+      in-window RST is taken, and one below the acknowledged data is not).
+    - FIN: within one window either side of RCV.NXT (RFC 5961 section 4 asks
+      the same of data; a retransmitted FIN may start below RCV.NXT).
+    - Before the backend has acknowledged anything: in SYN-SENT a RST must
+      acknowledge the backend's SYN (RFC 9293 section 3.10.7.3) and a FIN is
+      refused; a flow picked up mid-connection is taken on trust (conntrack's
+      "be liberal" until the window is known).
+    """
+    base = f.trk_ack
+    if base < 0:
+        if f.state == TcpState.SYN_SENT and f.trk_isn >= 0:
+            return bool(flags & TcpFlag.RST and flags & TcpFlag.ACK and ack == f.trk_isn)
+        return True
+    wnd = f.trk_win << f.trk_scale
+    d = (seq - base) & SEQ_MASK
+    if d <= wnd:
+        return True
+    return not flags & TcpFlag.RST and SEQ_MASK + 1 - d <= wnd + 1
 
 
 def first_state(flags: int) -> TcpState:
@@ -150,3 +224,11 @@ class Flow:
     bytes_in: int = 0
     wheel_slot: dict[Any, None] | None = None
     wheel_tick: int = 0
+    #: TCP tracking, learnt only from the backend's own packets so nothing from
+    #: the outside can move it (:func:`in_window`): the last acknowledgement
+    #: number the backend sent, the largest window it advertised (unscaled),
+    #: its window shift (14 until its SYN is seen) and its SYN's sequence + 1.
+    trk_ack: int = UNKNOWN
+    trk_win: int = 0
+    trk_scale: int = MAX_WSCALE
+    trk_isn: int = UNKNOWN

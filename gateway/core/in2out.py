@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
+from gateway.core.flow import TCP_ACK_WIN, Flow
 from gateway.core.header import H_IP, KEY, UDP_HEADER, Buffer, H, l4_offset
 from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
@@ -21,6 +22,7 @@ from gateway.core.verdict import ACCEPT_MODIFIED, DROP, Verdict
 
 _C_IN2OUT = Counter.IN2OUT_TRANSLATED.value
 _D_UNSUPPORTED = Counter.DROP_UNSUPPORTED.value
+_D_TCP_NO_FLOW = Counter.DROP_TCP_NO_FLOW.value
 
 
 class In2Out(IcmpErrors):
@@ -47,11 +49,18 @@ class In2Out(IcmpErrors):
                     c += 0xFFFF
             UDP_HEADER.pack_into(buf, ihl, f.public_port, dp, ln, c)
         elif proto == PROTO_TCP:
-            f = self._tcp_inside.get(key) or self._new_flow(buf, ihl, proto, key, now)
+            f = self._tcp_inside.get(key) or self._new_tcp_flow(buf, ihl, n, key, now)
             if f is None:
                 return DROP
-            if buf[ihl + 13] & 7:
-                self._tcp_flags(f, buf[ihl + 13], True, now)
+            # The backend's window (flow.in_window): a plain ACK stores two ints;
+            # SYN, FIN, RST and odd flags take the slow path.
+            ack, fl, win = TCP_ACK_WIN(buf, ihl + 8)
+            if fl & 0x17 == 0x10:
+                f.trk_ack = ack
+                if win > f.trk_win:
+                    f.trk_win = win
+            else:
+                self._tcp_in2out_flags(f, buf, ihl, now)
             H.pack_into(buf, ihl, f.public_port)
             c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.in2out_l4
             if c < 0:
@@ -71,6 +80,20 @@ class In2Out(IcmpErrors):
         f.bytes_out += n
         self.counters[_C_IN2OUT] += 1
         return ACCEPT_MODIFIED
+
+    def _new_tcp_flow(self, buf: Buffer, ihl: int, n: int, key: bytes, now: float) -> Flow | None:
+        """A flow for a backend's TCP packet that matches none, if the packet can open
+        one: a SYN (a new connection), or a segment with data or a FIN (a
+        connection under way, picked up after a restart). A bare ACK, a RST or a
+        SYN-ACK cannot: dropped and counted, no port taken (docs/decisions.md,
+        "TCP tracking")."""
+        flags = buf[ihl + 13]
+        if flags & 0x16 != 0x02 and (
+            flags & 0x06 or not (flags & 0x01 or n > ihl + ((buf[ihl + 12] >> 4) << 2))
+        ):
+            self.counters[_D_TCP_NO_FLOW] += 1
+            return None
+        return self._new_flow(buf, ihl, PROTO_TCP, key, now)
 
     def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
         """An echo request (its identifier is translated like a port) or an error."""

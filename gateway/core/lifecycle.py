@@ -7,6 +7,12 @@ keys, the port and the timer together (VPP NAT44-ED's rule that a session
 owns both of its keys). Refreshing is one store of ``last_seen`` on the
 per-packet path; the timer wheel compares it when the flow's deadline comes
 round, so a busy flow costs one re-arm per timeout period.
+
+Flow caps (RFC 6888 REQ-5, docs/decisions.md "Flow caps") are checked here,
+once per new flow: at a cap the oldest flow of the backend that never saw a
+reply is ended to make room (Linux conntrack's early drop), else the new
+flow is refused. TCP FIN and RST from the outside are checked against the
+backend's receive window first (:func:`~gateway.core.flow.in_window`).
 """
 
 from __future__ import annotations
@@ -15,14 +21,36 @@ from gateway.core.address import Backend, Scenario, ip_str
 from gateway.core.block import PORT_BYTES
 from gateway.core.checksum import delta
 from gateway.core.counters import END_COUNTER, Counter
-from gateway.core.events import SnatPortExhausted, SnatPortsHighWater
-from gateway.core.flow import EndReason, Flow, TcpState, first_state, tcp_next_state, timeout_for
+from gateway.core.events import FlowLimitReached, SnatPortExhausted, SnatPortsHighWater
+from gateway.core.flow import (
+    TCP_TRACK,
+    UNKNOWN,
+    EndReason,
+    Flow,
+    TcpFlag,
+    TcpState,
+    first_state,
+    in_window,
+    syn_wscale,
+    tcp_next_state,
+    timeout_for,
+)
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP
 from gateway.core.state import Buffer, TableState
 
 #: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
 HIGH_WATER_HYSTERESIS = 0.1
 _ZERO2 = b"\0\0"
+#: At most one ``flow_limit_reached`` per backend per this many seconds.
+FLOW_LIMIT_EVENT_INTERVAL = 60.0
+#: Early drop looks at most this many of a backend's oldest flows not yet seen
+#: replied (bounded work per new flow, as conntrack's early_drop scans a bounded
+#: number of buckets).
+EARLY_DROP_SCAN = 64
+#: The backend holding the most flows is looked for at most once per this many
+#: seconds while the table is at ``max_flows`` (a scan of every backend).
+HOG_RESCAN = 1.0
+_STATE_OPEN = (TcpState.SYN_SENT, TcpState.CLOSED, TcpState.RESET)
 
 
 class FlowLifecycle(TableState):
@@ -33,7 +61,10 @@ class FlowLifecycle(TableState):
     ) -> Flow | None:
         """The flow for ``be``'s first packet toward a destination: a port from its
         block (endpoint-dependent, docs/model.md "PAT") or, for an instance IP,
-        its own port; None (counted, with an event) when no port is free."""
+        its own port; None (counted, with an event) when no port is free or a
+        flow cap refuses it."""
+        if not self._admit(be, proto, now):
+            return None
         backend_b = bytes(buf[12:16])
         remote_b = bytes(buf[16:20])
         if proto == PROTO_ICMP:
@@ -53,7 +84,7 @@ class FlowLifecycle(TableState):
                 self._exhausted(be, proto, dest, now)
                 return None
         else:
-            port = block.allocate(proto, outside, prefix, dest)
+            port = block.allocate(proto, outside, prefix, dest, self.rng if self.model.random_ports else None)
             if port < 0:
                 self._exhausted(be, proto, dest, now)
                 return None
@@ -95,6 +126,7 @@ class FlowLifecycle(TableState):
         )
         if proto == PROTO_TCP:
             f.state = first_state(buf[ihl + 13])
+            self._track_in2out(f, buf, ihl)
         self._add_flow(f, be)
         return f
 
@@ -103,16 +135,24 @@ class FlowLifecycle(TableState):
         self.inside[f.proto][f.inside_key] = f
         self.outside[f.proto][f.outside_key] = f
         be.flows.add(f)
+        if not f.pkts_in:
+            be.unreplied[f] = None
+        self.flows_live += 1
         be.created += 1
         self.wheel.schedule(f, f.last_seen + f.timeout)
         self.counters[Counter.FLOWS_CREATED] += 1
 
-    def end_flow(self, f: Flow, reason: EndReason) -> None:
+    def end_flow(self, f: Flow, reason: EndReason, now: float | None = None) -> None:
         """Remove both keys of ``f``, free its port and cancel its timer: the only
         way a flow ends. A standalone backend left without flows starts its
-        vacancy clock (docs/model.md, "Resizing")."""
+        vacancy clock at ``now``, the moment the flow ended (docs/model.md,
+        "Resizing"; without ``now``, the table's last timer tick or the flow's
+        last packet, whichever is later)."""
         if self.inside[f.proto].get(f.inside_key) is not f:
             return
+        if now is None:
+            now = max(f.last_seen, self.wheel.current * self.wheel.tick)
+        self.flows_live -= 1
         del self.inside[f.proto][f.inside_key]
         del self.outside[f.proto][f.outside_key]
         self.wheel.cancel(f)
@@ -125,11 +165,55 @@ class FlowLifecycle(TableState):
         be = self.backends.get(f.backend)
         if be is not None:
             be.flows.discard(f)
+            be.unreplied.pop(f, None)
             if not be.flows and be.scenario == Scenario.DEFAULT:
-                be.vacant_since = f.last_seen
+                be.vacant_since = now
                 self._vacant[be.ip] = be
-                self._vacant_due = min(self._vacant_due, f.last_seen + self.timeouts.idle)
+                self._vacant_due = min(self._vacant_due, now + self.timeouts.idle)
         self.counters[END_COUNTER[reason]] += 1
+
+    def _track_in2out(self, f: Flow, buf: Buffer, ihl: int) -> None:
+        """Learn the backend's window from one of its packets (never from the outside).
+
+        An ACK stores its acknowledgement number and raises the largest window
+        seen; a SYN without ACK starts (or restarts, on a reopened flow) the
+        connection: its sequence + 1, its window shift, nothing acknowledged yet.
+        """
+        seq, ack, doff, flags, win = TCP_TRACK(buf, ihl + 4)
+        if flags & TcpFlag.SYN:
+            if not flags & (TcpFlag.ACK | TcpFlag.RST) and f.state in _STATE_OPEN:
+                f.trk_isn = (seq + 1) & 0xFFFFFFFF
+                f.trk_scale = syn_wscale(buf, ihl, (doff >> 4) << 2)
+                f.trk_ack = UNKNOWN
+                f.trk_win = 0
+            return
+        if flags & TcpFlag.ACK and not flags & TcpFlag.RST:
+            f.trk_ack = ack
+            if win > f.trk_win:
+                f.trk_win = win
+
+    def _tcp_in2out_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> None:
+        """A backend's packet that is not a plain ACK: learn from it, then move the state."""
+        flags = buf[ihl + 13]
+        if flags & TcpFlag.SYN and f.state in (TcpState.CLOSED, TcpState.RESET):
+            self._tcp_flags(f, flags, True, now)
+            self._track_in2out(f, buf, ihl)
+            return
+        self._track_in2out(f, buf, ihl)
+        if flags & 7:
+            self._tcp_flags(f, flags, True, now)
+
+    def _tcp_out2in_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> bool:
+        """A FIN, SYN or RST from the outside; False (counted, flow untouched) when a
+        FIN or RST lies outside the backend's window (:func:`in_window`)."""
+        flags = buf[ihl + 13]
+        if flags & (TcpFlag.FIN | TcpFlag.RST):
+            seq, ack, _doff, _flags, _win = TCP_TRACK(buf, ihl + 4)
+            if not in_window(f, flags, seq, ack):
+                self.counters[Counter.DROP_TCP_OUT_OF_WINDOW] += 1
+                return False
+        self._tcp_flags(f, flags, False, now)
+        return True
 
     def _tcp_flags(self, f: Flow, flags: int, in2out: bool, now: float) -> None:
         """Apply a FIN, SYN or RST to ``f``'s state (the rules: :func:`tcp_next_state`)."""
@@ -148,9 +232,70 @@ class FlowLifecycle(TableState):
             if deadline > now:
                 self.wheel.schedule(f, deadline)
             elif f.state in (TcpState.CLOSED, TcpState.RESET):
-                self.end_flow(f, EndReason.CLOSED)
+                self.end_flow(f, EndReason.CLOSED, deadline)
             else:
-                self.end_flow(f, EndReason.IDLE)
+                self.end_flow(f, EndReason.IDLE, deadline)
+
+    def _admit(self, be: Backend, proto: int, now: float) -> bool:
+        """Whether ``be`` may open one more flow under the flow caps (docs/decisions.md,
+        "Flow caps"; RFC 6888 REQ-5).
+
+        At ``max_flows_per_backend`` the backend's oldest flow without a reply
+        makes room. At ``max_flows`` room is made in the backend holding the
+        most flows, not the newcomer's, so one backend's flood cannot starve
+        the others; failing that, in the newcomer's own. Otherwise refused.
+        """
+        model = self.model
+        if len(be.flows) >= model.max_flows_per_backend:
+            if self._early_drop(be, now):
+                return True
+            self._refuse(be, proto, "backend", model.max_flows_per_backend, now)
+            return False
+        if self.flows_live < model.max_flows:
+            return True
+        hog = self._hog
+        if hog is None or now - self._hog_at >= HOG_RESCAN or len(hog.flows) < len(be.flows):
+            hog = self._hog = max(self.backends.values(), key=lambda b: len(b.flows))
+            self._hog_at = now
+        if self._early_drop(hog, now) or (hog is not be and self._early_drop(be, now)):
+            return True
+        self._refuse(be, proto, "global", model.max_flows, now)
+        return False
+
+    def _early_drop(self, be: Backend, now: float) -> bool:
+        """End ``be``'s oldest flow that never saw a reply; False if none among the
+        first :data:`EARLY_DROP_SCAN` (replied ones met on the way leave the line)."""
+        line = be.unreplied
+        for _ in range(EARLY_DROP_SCAN):
+            if not line:
+                return False
+            f, _none = line.popitem(last=False)
+            if not f.pkts_in:
+                self.end_flow(f, EndReason.EARLY_DROP, now)
+                return True
+        return False
+
+    def _refuse(self, be: Backend, proto: int, limit: str, cap: int, now: float) -> None:
+        """Count a new flow refused at a cap; at most one ``flow_limit_reached`` per
+        backend per :data:`FLOW_LIMIT_EVENT_INTERVAL`."""
+        self.counters[Counter.DROP_FLOW_LIMIT] += 1
+        be.refused += 1
+        if now - be.refused_event < FLOW_LIMIT_EVENT_INTERVAL:
+            be.refused_suppressed += 1
+            return
+        self.events.append(
+            FlowLimitReached(
+                backend=ip_str(be.ip),
+                public_ip=ip_str(be.address.ip),
+                protocol=PROTO_NAMES.get(proto, str(proto)),
+                limit=limit,
+                max_flows=cap,
+                flows=len(be.flows),
+                suppressed=be.refused_suppressed,
+            )
+        )
+        be.refused_event = now
+        be.refused_suppressed = 0
 
     def _exhausted(self, be: Backend, proto: int, dest: bytes, now: float) -> None:
         """Count a failed flow and emit a rate-limited ``snat_port_exhausted`` event."""

@@ -94,6 +94,13 @@ class GatewayModel:
     exhaustion_event_interval: float = 10.0
     #: Share of a block in use (one protocol) at which ``snat_ports_high_water`` fires.
     high_water: float = 0.8
+    #: Flow caps (RFC 6888 REQ-5): live flows per backend and in all; at a cap a flow
+    #: without a reply is dropped to make room, else the new flow is refused
+    #: (docs/decisions.md, "Flow caps").
+    max_flows_per_backend: int = 65536
+    max_flows: int = 262144
+    #: Ports drawn at random inside a block (RFC 6056); False: least recently freed first.
+    random_ports: bool = True
 
     def public_addresses(self) -> tuple[int, ...]:
         """Every address the gateway owns on the outside, each once, in config order."""

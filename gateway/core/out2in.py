@@ -51,8 +51,8 @@ class Out2In(IcmpErrors):
             if f is None:
                 self.counters[_D_NO_FLOW] += 1
                 return DROP
-            if buf[ihl + 13] & 7:
-                self._tcp_flags(f, buf[ihl + 13], False, now)
+            if buf[ihl + 13] & 7 and not self._tcp_out2in_flags(f, buf, ihl, now):
+                return DROP
             H.pack_into(buf, ihl + 2, f.backend_port)
             c = (buf[ihl + 16] << 8 | buf[ihl + 17]) - f.out2in_l4
             if c < 0:

@@ -17,6 +17,8 @@ them (docs/model.md).
 
 from __future__ import annotations
 
+from random import Random
+
 from gateway.core.counters import COUNTER_NAMES, Counter
 from gateway.core.events import Event
 from gateway.core.in2out import In2Out
@@ -27,8 +29,8 @@ from gateway.core.out2in import Out2In
 class TranslationTable(In2Out, Out2In):
     """All flows of one gateway, both directions, their timers and counters."""
 
-    def __init__(self, model: GatewayModel, now: float) -> None:
-        super().__init__(model, now)
+    def __init__(self, model: GatewayModel, now: float, rng: Random | None = None) -> None:
+        super().__init__(model, now, rng)
         self.reconfigure(model, now)
 
     def get_timer(self) -> float | None:

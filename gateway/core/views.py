@@ -144,6 +144,8 @@ def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[st
         ],
         "attempted": be.created + be.exhausted,
         "exhausted": be.exhausted,
+        # New flows refused at a flow cap (docs/decisions.md, "Flow caps").
+        "flow_limit_drops": be.refused,
         "last_exhausted": wall - (now - last) if be.exhausted else None,
     }
 
@@ -178,6 +180,8 @@ def stats(table: TranslationTable) -> dict[str, Any]:
         "flows_ended": {k[len("flows_ended_") :]: v for k, v in c.items() if k.startswith("flows_ended_")},
         "drops": {k[len("drop_") :]: v for k, v in c.items() if k.startswith("drop_")},
         "tier_changes": table.tier_changes,
+        "flow_limits": {"max_flows": table.model.max_flows,
+                        "max_flows_per_backend": table.model.max_flows_per_backend},
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -43,7 +44,9 @@ def lab_model(
     members: tuple[str, ...] = POOL,
     timeouts: Timeouts | None = None,
     defaults: tuple[str, ...] = DEFAULTS,
+    random_ports: bool = False,
 ) -> GatewayModel:
+    """The lab's model; ports in block order unless ``random_ports`` (tests pin port numbers)."""
     return GatewayModel(
         frontends=(Frontend("fe-web", ip(FRONTEND)),),
         pools=(Pool("web", tuple(ip(m) for m in members)),),
@@ -51,6 +54,7 @@ def lab_model(
         instance_ips=(InstanceIp(ip(INSTANCE), ip(INSTANCE_PUBLIC)),),
         default_snat=tuple(ip(d) for d in defaults),
         timeouts=timeouts or Timeouts(),
+        random_ports=random_ports,
     )
 
 
@@ -58,8 +62,15 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"hello") -
     return bytearray(bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload))
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"") -> bytearray:
-    return bytearray(bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags) / payload))
+def tcp(
+    src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"",
+    seq: int = 0, ack: int = 0, window: int = 8192, options: Sequence[tuple[str, object]] | None = None,
+) -> bytearray:
+    """A TCP segment; the defaults (seq 0, ack 0) make a RST "RA" with ack=1 the valid
+    answer to the default SYN (it acknowledges sequence 0 + 1)."""
+    opts = list(options or ())
+    seg = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=window, options=opts)
+    return bytearray(bytes(IP(src=src, dst=dst) / seg / payload))
 
 
 def echo(src: str, dst: str, ident: int, reply: bool = False) -> bytearray:

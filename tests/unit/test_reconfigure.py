@@ -585,7 +585,7 @@ def test_changed_linger_applies_to_closing_tcp_flows() -> None:
     """A reload changes the linger of a TCP flow already closed by a RST."""
     t = TranslationTable(lab_model(timeouts=Timeouts(tcp_rst_linger=50.0)), 0.0)
     sport, src, _ = out(t, tcp(POOL[0], SERVER, 40000, 80, "S"), 0.0)
-    assert t.out2in(tcp(SERVER, src, 80, sport, "R"), 1.0) == ACCEPT_MODIFIED_MARK
+    assert t.out2in(tcp(SERVER, src, 80, sport, "RA", ack=1), 1.0) == ACCEPT_MODIFIED_MARK
     t.reconfigure(lab_model(timeouts=Timeouts(tcp_rst_linger=2.0)), 1.5)
     t.handle_timer(2.9)
     assert t.flow_count() == 1

@@ -45,7 +45,7 @@ def test_in2out_and_out2in_checksums_equal_recomputation(
     """For any backend, remote, ports, payload and TOS, both directions' checksums match."""
     ip = IP(src=src, dst=dst, tos=tos, id=sport)
     if proto == "tcp":
-        pkt = ip / TCP(sport=sport, dport=dport, flags="PA", seq=dport) / data
+        pkt = ip / TCP(sport=sport, dport=dport, flags="PA" if data else "S", seq=dport) / data
     elif proto == "udp":
         pkt = ip / UDP(sport=sport, dport=dport, chksum=0 if zero_udp else None) / data
     else:

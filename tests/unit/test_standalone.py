@@ -17,36 +17,43 @@ def _events(t: TranslationTable, name: str) -> list[dict[str, object]]:
 
 
 def test_silent_standalone_backend_is_released_after_the_idle_timeout() -> None:
-    """Its flow idles out at 240 s; its block goes back at 240 s after its last packet,
-    with a ports_reclaimed event, and a later packet places it afresh."""
+    """Its flow idles out 240 s after its last packet; its block goes back 240 s after
+    that (the vacancy clock starts when the last flow ended), with a ports_reclaimed
+    event, and a later packet places it afresh."""
     t = TranslationTable(lab_model(defaults=(DEFAULTS[0],)), 0.0)
     out(t, udp("10.10.3.1", SERVER, 40000, 5000), 10.0)
     be = t.backends[ip("10.10.3.1")]
     assert be.block is not None and first_port(be.block) == 1024
     t.handle_timer(10.0 + IDLE)
+    assert t.flow_count() == 0 and ip("10.10.3.1") in t.backends, "the flow ended, the block stays"
+    assert be.vacant_since == 10.0 + IDLE and t.get_timer() == 10.0 + 2 * IDLE
+    t.handle_timer(10.0 + 2 * IDLE - 0.5)
+    assert ip("10.10.3.1") in t.backends
+    t.handle_timer(10.0 + 2 * IDLE)
     assert ip("10.10.3.1") not in t.backends
     assert _events(t, "ports_reclaimed") == [
         {"public_ip": DEFAULTS[0], "name": "", "reason": "backend_idle", "backends": 1, "ports": 1024,
          "flows_ended": 0}
     ]  # fmt: skip
     assert t.get_timer() is None
-    assert out(t, udp("10.10.3.2", SERVER, 40000, 5000), 300.0)[:2] == (1024, DEFAULTS[0])
-    assert out(t, udp("10.10.3.1", SERVER, 40000, 5000), 300.0)[:2] == (2048, DEFAULTS[0])
+    assert out(t, udp("10.10.3.2", SERVER, 40000, 5000), 600.0)[:2] == (1024, DEFAULTS[0])
+    assert out(t, udp("10.10.3.1", SERVER, 40000, 5000), 600.0)[:2] == (2048, DEFAULTS[0])
 
 
-def test_release_waits_for_the_last_packet_plus_idle_timeout() -> None:
-    """A closed TCP flow frees its port at once, the backend only idle_timeout after its
-    last packet; get_timer names that moment, and a new flow before it cancels it."""
+def test_release_waits_idle_timeout_after_the_last_flow_ended() -> None:
+    """A reset TCP flow ends after its linger (at 7.0, even if the timer runs late at
+    8.0); the backend goes only idle_timeout after that end, get_timer names that
+    moment, and a new flow before it cancels it."""
     t = TranslationTable(lab_model(defaults=(DEFAULTS[0],), timeouts=Timeouts(tcp_rst_linger=1.0)), 0.0)
     out(t, tcp("10.10.3.1", SERVER, 40000, 80, "S"), 5.0)
     out(t, tcp("10.10.3.1", SERVER, 40000, 80, "R"), 6.0)
     t.handle_timer(8.0)
     assert t.flow_count() == 0 and ip("10.10.3.1") in t.backends
-    assert t.get_timer() == 6.0 + IDLE
-    t.handle_timer(6.0 + IDLE - 1)
+    assert t.get_timer() == 7.0 + IDLE
+    t.handle_timer(7.0 + IDLE - 1)
     assert ip("10.10.3.1") in t.backends
-    out(t, udp("10.10.3.1", SERVER, 40001, 5000), 6.0 + IDLE - 0.5)
-    t.handle_timer(6.0 + IDLE)
+    out(t, udp("10.10.3.1", SERVER, 40001, 5000), 7.0 + IDLE - 0.5)
+    t.handle_timer(7.0 + IDLE)
     assert ip("10.10.3.1") in t.backends, "a backend that spoke again stays"
 
 
@@ -58,7 +65,11 @@ def test_default_address_falls_a_tier_and_grows_blocks_without_ending_flows() ->
         out(t, udp(f"10.10.5.{i}", SERVER, 40000, 5000), 0.0 if i == 51 else 100.0)
     blocks = {be.ip: be.block for be in t.backends.values() if be.block is not None and be.scenario == 3}
     assert {b.size for b in blocks.values()} == {512}
-    t.handle_timer(IDLE + 1)  # 10.10.5.51's flow idles out and it is released at once
+    t.handle_timer(IDLE + 1)  # 10.10.5.51's flow idles out (at 240); its block stays for now
+    assert ip("10.10.5.51") in t.backends
+    for i in range(1, 51):  # the others keep talking
+        out(t, udp(f"10.10.5.{i}", SERVER, 40000, 5000), IDLE + 1)
+    t.handle_timer(2 * IDLE + 0.5)  # 240 s after its flow ended, 10.10.5.51 is released
     assert ip("10.10.5.51") not in t.backends
     kept = [be for be in t.backends.values() if be.scenario == 3]
     assert len(kept) == 50 and all(be.block is not None and be.block.size == 1024 for be in kept)
@@ -66,7 +77,7 @@ def test_default_address_falls_a_tier_and_grows_blocks_without_ending_flows() ->
     for be in kept:
         (f,) = be.flows
         back = udp(SERVER, DEFAULTS[0], 5000, f.public_port)
-        assert t.out2in(back, IDLE + 2) == ACCEPT_MODIFIED_MARK
+        assert t.out2in(back, 2 * IDLE + 0.6) == ACCEPT_MODIFIED_MARK
     tier = _events(t, "pool_tier_changed")
     assert [(e["old_block_size"], e["new_block_size"], e["backends"]) for e in tier][-1] == (512, 1024, 50)
 

@@ -158,7 +158,7 @@ def test_tcp_rst_frees_port_after_short_linger() -> None:
     """A RST ends the flow after tcp_rst_linger."""
     t = TranslationTable(lab_model(timeouts=Timeouts(idle=240, tcp_rst_linger=1)), 0.0)
     sport, src, _ = out(t, tcp(POOL[0], SERVER, 40000, 80, "S"), 0.0)
-    assert t.out2in(tcp(SERVER, src, 80, sport, "R"), 0.5) == ACCEPT_MODIFIED_MARK
+    assert t.out2in(tcp(SERVER, src, 80, sport, "RA", ack=1), 0.5) == ACCEPT_MODIFIED_MARK
     t.handle_timer(1.7)
     assert t.flow_count() == 0
 

@@ -129,9 +129,9 @@ def test_flows_name_tcp_states() -> None:
     t.out2in(tcp(SERVER, src, 80, sport, "FA"), 0.3)
     assert state(40000) == "closed"
     sport2, _, _ = out(t, tcp(POOL[0], SERVER, 40001, 80, "S"), 0.4)
-    t.out2in(tcp(SERVER, src, 80, sport2, "R"), 0.5)
+    t.out2in(tcp(SERVER, src, 80, sport2, "RA", ack=1), 0.5)
     assert state(40001) == "reset"
-    out(t, tcp(POOL[0], SERVER, 40002, 80, "A"), 0.6)
+    out(t, tcp(POOL[0], SERVER, 40002, 80, "PA", b"data"), 0.6)
     assert state(40002) == "established"
     assert {r["state"] for r in views.flows(t, 5.0, proto=PROTO_UDP)} == set()
 
@@ -150,7 +150,7 @@ def test_ports_counts_in_use_per_protocol_peak_and_top_destinations() -> None:
     out(t, udp(POOL[0], "203.0.113.7", 42000, 123), 1.0)
     for i in range(2):
         sport, src, _ = out(t, tcp(POOL[0], SERVER, 43000 + i, 443, "S"), 1.0)
-        t.out2in(tcp(SERVER, src, 443, sport, "R"), 2.0)
+        t.out2in(tcp(SERVER, src, 443, sport, "RA", ack=1), 2.0)
     out(t, echo(POOL[0], SERVER, 9), 1.0)
     before = views.ports(t, 2.0, WALL, backend=ip(POOL[0]))
     assert as_json(before) == before
@@ -182,6 +182,7 @@ def test_ports_counts_in_use_per_protocol_peak_and_top_destinations() -> None:
         ],
         "attempted": 12,
         "exhausted": 0,
+        "flow_limit_drops": 0,
         "last_exhausted": None,
     }
     [top1] = views.ports(t, 4.0, WALL, backend=ip(POOL[0]), top=1)
@@ -284,21 +285,22 @@ def test_stats_counts_ended_flows_by_reason_and_tier_changes() -> None:
     t = TranslationTable(lab_model(timeouts=Timeouts(idle=10.0, tcp_rst_linger=1.0)), 0.0)
     out(t, udp(POOL[0], SERVER, 40000, 5000), 0.0)
     sport, src, _ = out(t, tcp(POOL[1], SERVER, 40000, 443, "S"), 0.0)
-    t.out2in(tcp(SERVER, src, 443, sport, "R"), 0.5)
+    t.out2in(tcp(SERVER, src, 443, sport, "RA", ack=1), 0.5)
     t.handle_timer(2.0)
     out(t, udp(POOL[2], SERVER, 40000, 5000), 3.0)
     for i in range(600):
         out(t, udp(POOL[1], SERVER2, 20000 + i, 53), 3.0)
     t.handle_timer(10.5)
-    assert views.stats(t)["flows_ended"] == {"idle": 1, "closed": 1, "reclaimed": 0, "removed": 0}
+    ended = {"idle": 1, "closed": 1, "reclaimed": 0, "removed": 0, "early_drop": 0}
+    assert views.stats(t)["flows_ended"] == ended
     t.reconfigure(lab_model(members=members(60)[1:], timeouts=Timeouts(idle=10.0, tcp_rst_linger=1.0)), 11.0)
     s = views.stats(t)
     assert as_json(s) == s
-    assert s["flows_ended"] == {"idle": 1, "closed": 1, "reclaimed": 600 - 512, "removed": 0}
+    assert s["flows_ended"] == {"idle": 1, "closed": 1, "reclaimed": 600 - 512, "removed": 0, "early_drop": 0}
     assert s["tier_changes"] == 1
     t.reconfigure(lab_model(members=POOL[1:], timeouts=Timeouts(idle=10.0, tcp_rst_linger=1.0)), 12.0)
     s = views.stats(t)
-    assert s["flows_ended"] == {"idle": 1, "closed": 1, "reclaimed": 88, "removed": 0}
+    assert s["flows_ended"] == {"idle": 1, "closed": 1, "reclaimed": 88, "removed": 0, "early_drop": 0}
     assert s["tier_changes"] == 2
     t.reconfigure(lab_model(members=(POOL[1],), timeouts=Timeouts(idle=10.0, tcp_rst_linger=1.0)), 13.0)
     s = views.stats(t)
