@@ -119,6 +119,7 @@ _GATEWAY_KEYS = {
     "control_max_clients",
     "metrics",
     "state_file",
+    "log_flows",
     "state_interval",
 }
 
@@ -333,6 +334,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         timeouts=timeouts,
         exhaustion_event_interval=interval,
         high_water=float(high),
+        log_flows=_boolean(r, gw.get("log_flows", False), "gateway.log_flows"),
         max_flows=max_flows,
         max_flows_per_backend=max_per_backend,
         random_ports=random_ports,
@@ -346,6 +348,12 @@ def parse(text: str, path: str) -> GatewayConfig:
         state_file=state_file, state_interval=state_interval,
         control_mode=mode, control_max_clients=max_clients,
     )  # fmt: skip
+
+
+def _boolean(r: _Reader, value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise r.fail(key, "must be true or false")
+    return value
 
 
 def _control_mode(r: _Reader, value: Any) -> int | None:

@@ -234,4 +234,9 @@ def who_log(r: dict[str, Any]) -> str:
             lines.append("  after:  " + span(r["next"]))
         if not r["intervals"]:
             lines.append("  (no port_block_* line in the log covers this port)")
+    for f in r.get("flows", []):
+        lines.append(
+            f"  flow {f['protocol']} {f['backend']}:{f['backend_port']} -> {f['remote']}:{f['remote_port']}"
+            f" since {f['since']}"
+        )
     return "\n".join(lines)

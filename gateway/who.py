@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 BLOCK_EVENTS = ("port_block_allocated", "port_block_resized", "port_block_released")
+#: Per-flow lines, only with ``log_flows = true``.
+FLOW_EVENTS = ("flow_created", "flow_ended")
+_FLOW_KEY = ("protocol", "backend", "backend_port", "public_ip", "public_port", "remote", "remote_port")
 #: Lines after which nothing from before is held (a run starts or ends).
 RUN_EDGES = ("gateway_ready", "gateway_stopped", "gateway_failed")
 
@@ -136,10 +139,49 @@ def history(recs: Iterable[dict[str, Any]], public_ip: str, port: int) -> list[H
     return out
 
 
+def flows_at(recs: Iterable[dict[str, Any]], public_ip: str, port: int, at: float) -> list[dict[str, Any]]:
+    """The flows on ``public_ip:port`` live at ``at``, from ``flow_created`` and
+    ``flow_ended`` lines (written only with ``log_flows = true``); a flow with no
+    end line is live until the run ends (``gateway_ready``/``stopped``/``failed``)."""
+    open_: dict[tuple[Any, ...], dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+
+    def end(key: tuple[Any, ...], t: float) -> None:
+        f = open_.pop(key)
+        if f["_since"] <= at < t:
+            out.append(f)
+
+    for rec in recs:
+        name = rec.get("event")
+        t = _time(rec)
+        if t is None:
+            continue
+        if name in RUN_EDGES:
+            for key in list(open_):
+                end(key, t)
+            continue
+        if name not in FLOW_EVENTS or rec.get("public_ip") != public_ip or rec.get("public_port") != port:
+            continue
+        key = tuple(rec.get(k) for k in _FLOW_KEY)
+        if name == "flow_created":
+            if key in open_:
+                end(key, t)
+            open_[key] = {**{k: rec.get(k) for k in _FLOW_KEY}, "_since": t}
+        elif key in open_:
+            end(key, t)
+    out += [f for f in open_.values() if f["_since"] <= at]
+    return [
+        {**{k: v for k, v in f.items() if k != "_since"}, "since": iso(f["_since"])}
+        for f in sorted(out, key=lambda f: float(f["_since"]))
+    ]
+
+
 def who_at(recs: Iterable[dict[str, Any]], public_ip: str, port: int, at: float) -> dict[str, Any]:
     """Who held ``public_ip:port`` at ``at`` (Unix seconds) according to the log:
     ``holder`` (a :class:`Holding` as a dict) or None, with the neighbouring
-    intervals so the operator sees who had it just before and after."""
+    intervals so the operator sees who had it just before and after, and the
+    flows on the port then if the log has per-flow lines."""
+    recs = list(recs)
     hist = history(recs, public_ip, port)
     holder = next((h for h in hist if h.since <= at and (h.until is None or at < h.until)), None)
     before = [h for h in hist if h.until is not None and h.until <= at]
@@ -152,4 +194,5 @@ def who_at(recs: Iterable[dict[str, Any]], public_ip: str, port: int, at: float)
         "previous": before[-1].as_dict() if before else None,
         "next": after[0].as_dict() if after else None,
         "intervals": len(hist),
+        "flows": flows_at(recs, public_ip, port, at),
     }

@@ -158,6 +158,44 @@ class PortBlockReleased(_PortBlockEvent):
 
 
 PortBlockEvent = PortBlockAllocated | PortBlockResized | PortBlockReleased
+
+
+@dataclass(frozen=True, slots=True)
+class _FlowEvent:
+    """Per-flow logging, only with ``[gateway] log_flows = true`` (RFC 6888
+    section 4 allows it; RFC 7422 explains why port blocks usually suffice):
+    one line when a flow starts and one when it ends, never per packet. The
+    ICMP echo identifier is logged as the port and the remote port is 0."""
+
+    level: ClassVar[str] = "info"
+
+    protocol: str
+    backend: str
+    backend_port: int
+    public_ip: str
+    public_port: int
+    remote: str
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowCreated(_FlowEvent):
+    """A flow got its public ip:port (also a flow restored from the state file)."""
+
+    name: ClassVar[str] = "flow_created"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded(_FlowEvent):
+    """A flow ended and gave its port back; ``reason`` as in ``flows_ended_<reason>``."""
+
+    name: ClassVar[str] = "flow_ended"
+    reason: str
+    duration: float
+    packets_out: int
+    bytes_out: int
+    packets_in: int
+    bytes_in: int
 Event = (
     SnatPortExhausted
     | SnatPortsHighWater
@@ -165,6 +203,8 @@ Event = (
     | PoolTierChanged
     | PortsReclaimed
     | PortBlockEvent
+    | FlowCreated
+    | FlowEnded
 )
 
 

@@ -94,6 +94,9 @@ class GatewayModel:
     exhaustion_event_interval: float = 10.0
     #: Share of a block in use (one protocol) at which ``snat_ports_high_water`` fires.
     high_water: float = 0.8
+    #: One ``flow_created`` and one ``flow_ended`` event per flow (RFC 6888 section 4
+    #: allows per-session logging; off by default: port-block events answer "who").
+    log_flows: bool = False
     #: Flow caps (RFC 6888 REQ-5): live flows per backend and in all; at a cap a flow
     #: without a reply is dropped to make room, else the new flow is refused
     #: (docs/decisions.md, "Flow caps").

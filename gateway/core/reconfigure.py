@@ -23,6 +23,8 @@ from gateway.core.address import AddressKind, Backend, PublicAddress, Scenario, 
 from gateway.core.block import CHUNK_SHIFT, PortBlock
 from gateway.core.counters import END_COUNTER
 from gateway.core.events import (
+    FlowCreated,
+    FlowEnded,
     PoolTierChanged,
     PortBlockAllocated,
     PortBlockReleased,
@@ -31,9 +33,9 @@ from gateway.core.events import (
     Ranges,
     ReclaimReason,
 )
-from gateway.core.flow import EndReason, timeout_for
+from gateway.core.flow import EndReason, Flow, timeout_for
 from gateway.core.lifecycle import FlowLifecycle
-from gateway.core.model import GatewayModel
+from gateway.core.model import PROTO_NAMES, GatewayModel
 from gateway.core.scenario import plan
 from gateway.core.tier import ports_per_backend
 
@@ -50,6 +52,14 @@ def block_ranges(block: PortBlock | None) -> Ranges:
 
 def block_size(block: PortBlock | None) -> int:
     return 65536 if block is None else block.size
+
+
+def _flow_keys(f: Flow) -> tuple[str, str, int, str, int, str, int]:
+    """The endpoints of ``f`` as the flow events log them."""
+    return (
+        PROTO_NAMES[f.proto], ip_str(f.backend), f.backend_port, ip_str(f.public), f.public_port,
+        ip_str(f.remote), f.remote_port,
+    )  # fmt: skip
 
 
 class Reconfigure(FlowLifecycle):
@@ -128,6 +138,29 @@ class Reconfigure(FlowLifecycle):
         self.timeouts = model.timeouts
         summary["flows_ended"] = self._ended_total() - before
         return summary
+
+    # ---------------------------------------------------------- per-flow logging (optional)
+    # ``log_flows`` wraps the two places every flow starts and ends; off, it costs one
+    # attribute test per flow start and end, nothing per packet.
+
+    def _add_flow(self, f: Flow, be: Backend) -> None:
+        """:meth:`FlowLifecycle._add_flow`, and ``flow_created`` when ``log_flows`` is on."""
+        super()._add_flow(f, be)
+        if self.model.log_flows:
+            self.events.append(FlowCreated(*_flow_keys(f)))
+
+    def end_flow(self, f: Flow, reason: EndReason, now: float | None = None) -> None:
+        """:meth:`FlowLifecycle.end_flow`, and ``flow_ended`` when ``log_flows`` is on
+        (and the flow was live: ending it twice logs once)."""
+        logged = self.model.log_flows and self.inside[f.proto].get(f.inside_key) is f
+        super().end_flow(f, reason, now)
+        if logged:
+            self.events.append(
+                FlowEnded(
+                    *_flow_keys(f), str(reason), round(f.last_seen - f.created, 3), f.pkts_out, f.bytes_out,
+                    f.pkts_in, f.bytes_in,
+                )
+            )  # fmt: skip
 
     def _ended_total(self) -> int:
         return sum(self.counters[c] for c in END_COUNTER.values())

@@ -132,3 +132,26 @@ def test_socket_mode_follows_group_and_mode(tmp_path: Path) -> None:
     finally:
         srv.close()
     assert not (tmp_path / "m.sock").exists()
+
+
+def _cfg(extra: str) -> str:
+    return f'[gateway]\ninside = "in0"\noutside = "out0"\n{extra}\n'
+
+
+def test_config_takes_control_mode_max_clients_and_log_flows_and_refuses_bad_values() -> None:
+    """control_mode (text or TOML octal), control_max_clients and log_flows parse; bad ones name their key."""
+    from gateway.config import ConfigError, parse
+
+    cfg = parse(_cfg('control_mode = "0660"\ncontrol_max_clients = 10\nlog_flows = true'), "x.toml")
+    assert (cfg.control_mode, cfg.control_max_clients, cfg.model.log_flows) == (0o660, 10, True)
+    assert parse(_cfg("control_mode = 0o666"), "x.toml").control_mode == 0o666
+    default = parse(_cfg(""), "x.toml")
+    assert (default.control_mode, default.control_max_clients, default.model.log_flows) == (None, 256, False)
+    for bad, key in (('control_mode = "0460"', "control_mode"), ('control_mode = "rw"', "control_mode"),
+                     ("control_mode = 0o1777", "control_mode"),
+                     ("control_max_clients = 0", "control_max_clients"),
+                     ('log_flows = "yes"', "log_flows")):  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            parse(_cfg(bad), "x.toml")
+        assert e.value.key == f"gateway.{key}", bad
+    assert default.restart_keys(parse(_cfg('control_mode = "0600"'), "x.toml")) == ["gateway.control_mode"]

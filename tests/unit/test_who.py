@@ -12,6 +12,7 @@ import pytest
 from gateway import who
 from gateway.core.events import PortBlockAllocated, PortBlockReleased, PortBlockResized
 from gateway.core.events import fields as event_fields
+from gateway.core.flow import EndReason
 from gateway.core.model import LbRule, Pool, Timeouts
 from gateway.core.table import TranslationTable
 from tests.unit.conftest import (
@@ -210,3 +211,43 @@ def test_announce_blocks_replaces_queued_block_events_with_the_blocks_as_they_st
     assert [e["backend"] for e in evs] == sorted({*POOL, INSTANCE, "10.10.3.1"}, key=ip)
     assert next(e for e in evs if e["backend"] == POOL[0])["ranges"] == ((4224, 4255),)
     assert [e for e in t.events if e.name not in who.BLOCK_EVENTS] == queued_other
+
+
+# --------------------------------------------------------------------------- per-flow logging
+
+
+def test_flows_are_not_logged_unless_log_flows_is_on() -> None:
+    """By default a flow's start and end add no event; port blocks are the record."""
+    t = TranslationTable(lab_model(), 0.0)
+    out(t, udp(POOL[0], SERVER, 40000, 5000), 1.0)
+    t.handle_timer(1000.0)
+    assert t.flow_count() == 0
+    assert not [e for e in t.events if e.name in who.FLOW_EVENTS]
+
+
+def test_log_flows_logs_each_flow_once_at_start_and_end_and_who_lists_the_flows_then() -> None:
+    """With log_flows a flow gets flow_created and one flow_ended (reason, counts), and
+    `who --at` lists the flows that were on the port at that time."""
+    t = TranslationTable(dataclasses.replace(lab_model(), log_flows=True), 0.0)
+    log = Log()
+    log.write(0.0, "gateway_ready")
+    log.drain(t, 0.0)
+    pub_port = out(t, udp(POOL[0], SERVER, 40000, 5000), 1.0)[0]
+    log.drain(t, 1.0)
+    (f,) = t.backends[ip(POOL[0])].flows
+    created = {"protocol": "udp", "backend": POOL[0], "backend_port": 40000, "public_ip": FRONTEND,
+               "public_port": pub_port, "remote": SERVER, "remote_port": 5000}  # fmt: skip
+    assert [event_fields(e) for e in t.events] == []
+    assert json.loads(log.lines[-1]) == {**created, "event": "flow_created", "level": "info",
+                                         "timestamp": who.iso(T0 + 1.0)}  # fmt: skip
+    t.end_flow(f, EndReason.REMOVED)
+    t.end_flow(f, EndReason.REMOVED)
+    ended = [event_fields(e) for e in t.events if e.name == "flow_ended"]
+    assert ended == [{**created, "reason": "removed", "duration": 0.0, "packets_out": 1,
+                      "bytes_out": f.bytes_out, "packets_in": 0, "bytes_in": 0}]  # fmt: skip
+    log.drain(t, 30.0)
+    assert [(x["backend_port"], x["since"]) for x in log.who(FRONTEND, pub_port, 10.0)["flows"]] == [
+        (40000, who.iso(T0 + 1.0))
+    ]
+    assert log.who(FRONTEND, pub_port, 40.0)["flows"] == []
+    assert log.who(FRONTEND, pub_port, 0.5)["flows"] == []
