@@ -28,6 +28,14 @@ def sixty_members() -> list[str]:
     return [*t.POOL_MEMBERS, *(f"10.10.200.{i}" for i in range(1, 58))]
 
 
+def sequential_ports(cfg: dict[str, object]) -> None:
+    """``random_ports = false``: ports in block order, so the test knows which flows a
+    halving reclaims (the default draws them at random, docs/decisions.md "Port choice")."""
+    gw = cfg["gateway"]
+    assert isinstance(gw, dict)
+    gw["random_ports"] = False
+
+
 def early_peers(probe: h.ProbeProc, count: int) -> list[tuple[str, int]]:
     """Read ``count`` send/recv pairs of a probe and return the peers the server reported."""
     peers = []
@@ -51,7 +59,7 @@ def test_reload_into_a_higher_tier_halves_blocks_and_ends_reclaimed_flows(
     """Growing the pool from 3 to 60 members halves 10.10.1.1's block to 1024-1535: the
     flow on port 1625 ends (its late reply is dropped), the one on 1024 lives on, and
     the CLI, the metrics and the log all say so."""
-    gw = gateway(h.lab_config(), args=["--metrics", f"127.0.0.1:{METRICS_PORT}"])
+    gw = gateway(h.lab_config(mutate=sequential_ports), args=["--metrics", f"127.0.0.1:{METRICS_PORT}"])
     probe = h.ProbeProc(lab.be, {
         "sockets": [{"src": B1}, {"src": B1}],
         "steps": [["send", 0, t.SERVER, 5000, "PUSHLATER 5"], ["recv", 0, 3],
@@ -69,7 +77,7 @@ def test_reload_into_a_higher_tier_halves_blocks_and_ends_reclaimed_flows(
         before = gw.ask("ports", "--backend", B1)[0]
         assert before["allocated"] == 1024 and before["in_use"]["udp"] == 602
 
-        res = gw.reload(h.lab_config(pool_members=sixty_members()))
+        res = gw.reload(h.lab_config(pool_members=sixty_members(), mutate=sequential_ports))
         assert res is not None and res.returncode == 0, res.stderr
         assert "tier changes 1, flows ended 90" in res.stdout.decode(), res.stdout
 
