@@ -272,9 +272,13 @@ def encode_chunks(snap: Snapshot) -> Iterator[bytes]:
     """The file's bytes, a chunk at a time (JSON, the same as ``json.dumps(to_dict(snap))``)."""
     head = json.dumps(_header(snap))
     yield (head[:-1] + ', "flows": [').encode()
+    dumps = json.dumps
     for start in range(0, snap.copied, ENCODE_CHUNK):
-        text = json.dumps(list(snap.rows(start, start + ENCODE_CHUNK)))
-        yield ((", " if start else "") + text[1:-1]).encode()
+        # One row at a time: a row's list dies at once, so the encoder never holds
+        # thousands of containers that the collector would promote and then walk
+        # in a full collection (which holds the interpreter for the loop too).
+        text = ", ".join([dumps(row) for row in snap.rows(start, start + ENCODE_CHUNK)])
+        yield ((", " if start else "") + text).encode()
     yield b"]}\n"
 
 
