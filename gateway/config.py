@@ -81,6 +81,10 @@ class GatewayConfig:
     control_group: str | None = None
     #: ``(host, port)`` of the Prometheus endpoint; None: off.
     metrics: tuple[str, int] | None = None
+    #: What a clean stop leaves: "block" (the guard rules stay: nothing from the inside
+    #: leaves, nothing unsolicited gets in) or "remove" (every rule goes). A crash always
+    #: leaves the guard (docs/kernel.md, "Guard").
+    stopped: str = "block"
     #: Permission bits of the control socket; None: 0660 with ``control_group``, else 0600.
     #: Who may connect may run the read-only commands; ``reload`` needs uid 0 regardless.
     control_mode: int | None = None
@@ -118,6 +122,7 @@ _GATEWAY_KEYS = {
     "control_mode",
     "control_max_clients",
     "metrics",
+    "stopped",
     "state_file",
     "log_flows",
     "state_interval",
@@ -243,6 +248,9 @@ def parse(text: str, path: str) -> GatewayConfig:
         group = r.string(group, "gateway.control_group")
     mode = _control_mode(r, gw.get("control_mode"))
     max_clients = r.integer(gw.get("control_max_clients", 256), "gateway.control_max_clients", 1, 4096)
+    stopped = gw.get("stopped", "block")
+    if stopped not in ("block", "remove"):
+        raise r.fail("gateway.stopped", f"{stopped!r} is not one of block, remove")
     state_file = gw.get("state_file")
     if state_file is not None and not (isinstance(state_file, str) and state_file[:1] in ("", "/")):
         raise r.fail("gateway.state_file", 'must be an absolute path, or "" for none')
@@ -345,6 +353,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         raise r.fail(e.key, e.problem) from None
     return GatewayConfig(
         path, inside, outside, queue, model, maxlen, client, control, group, metrics,
+        stopped=stopped,
         state_file=state_file, state_interval=state_interval,
         control_mode=mode, control_max_clients=max_clients,
     )  # fmt: skip

@@ -13,8 +13,9 @@ from enum import IntEnum, IntFlag
 class Hook(IntEnum):
     """Netfilter hook a queued packet came from (``enum nf_inet_hooks``).
 
-    POSTROUTING carries in2out packets, PREROUTING out2in ones
-    (docs/kernel.md, "Diverting packets").
+    POSTROUTING carries in2out packets, PREROUTING out2in ones, LOCAL_OUT the
+    ICMP errors the gateway host itself sends on the outside
+    (docs/kernel.md, "Diverting packets", "ICMP errors from the host").
     """
 
     PRE_ROUTING = 0

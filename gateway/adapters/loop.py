@@ -14,7 +14,8 @@ Two queue clients, chosen by ``gateway.queue_client``:
   syscall per packet and no GSO. Kept as the reference client and fallback.
 
 Either direction arrives on the same queue; the netfilter hook tells them
-apart (POSTROUTING: in2out, PREROUTING: out2in). The loop sleeps in
+apart (POSTROUTING: in2out, PREROUTING: out2in, LOCAL_OUT: an ICMP error the
+host itself sends on the outside, ``local_out``). The loop sleeps in
 ``select`` until a packet arrives or the core's next timer is due
 (``get_timer`` / ``handle_timer``, as in aioquic), then drains the sockets.
 
@@ -43,10 +44,11 @@ from gateway.adapters.kernel import Hook, Mark, SkbInfo
 from gateway.adapters.nfqueue import NetlinkQueue
 from gateway.core.packet import fill_l4_checksum
 from gateway.core.table import TranslationTable
-from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
+from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 
 #: Plain ints for the per-packet handler (an IntFlag ``&`` builds a new member each time).
 _POST_ROUTING = int(Hook.POST_ROUTING)
+_LOCAL_OUT = int(Hook.LOCAL_OUT)
 _CSUMNOTREADY = int(SkbInfo.CSUMNOTREADY)
 _GSO = int(SkbInfo.GSO)
 #: Longest sleep, so that signals and events are handled promptly without traffic.
@@ -121,6 +123,8 @@ class PacketLoop:
             buf = bytearray(pkt.get_payload())
             if pkt.hook == Hook.POST_ROUTING:
                 verdict = table.in2out(buf, self.now)
+            elif pkt.hook == Hook.LOCAL_OUT:
+                verdict = table.local_out(buf, self.now)
             else:
                 verdict = table.out2in(buf, self.now)
         except Exception:  # a bug in the core must not stop the loop: drop, count
@@ -129,6 +133,8 @@ class PacketLoop:
             return
         if verdict == ACCEPT_MODIFIED:
             pkt.set_payload(bytes(buf))
+            pkt.accept()
+        elif verdict == ACCEPT:
             pkt.accept()
         elif verdict == ACCEPT_MODIFIED_MARK:
             pkt.set_payload(bytes(buf))
@@ -142,6 +148,8 @@ class PacketLoop:
         try:
             if hook == _POST_ROUTING:
                 verdict = table.in2out(payload, self.now)
+            elif hook == _LOCAL_OUT:
+                verdict = table.local_out(payload, self.now)
             else:
                 verdict = table.out2in(payload, self.now)
             if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0

@@ -126,8 +126,15 @@ class Gateway:
             self.loop.run()
             self.saver.stop_and_save()
         finally:
-            system.restore_forwarding(STATE_DIR)
-            iptables.remove()
+            # stopped = "block": the guard replaces the rules in one commit, then
+            # forwarding goes back to the operator's value; "remove": forwarding
+            # first, then every rule (docs/kernel.md, "Guard").
+            if self.cfg.stopped == "remove":
+                system.restore_forwarding(STATE_DIR)
+                iptables.remove()
+            else:
+                iptables.guard(cfg.inside, cfg.outside)
+                system.restore_forwarding(STATE_DIR)
             system.remove_addresses(cfg.outside, self.publics)
             control.close()
             if stop_metrics is not None:

@@ -49,6 +49,19 @@ class Counter(IntEnum):
     DROP_FLOW_LIMIT = 18
     #: Flows ended by early drop, to make room under a flow cap.
     FLOWS_ENDED_EARLY_DROP = 19
+    #: An ICMP type never forwarded either way: redirect, source quench, router
+    #: advertisement/solicitation, timestamp, information, address mask, and any
+    #: other that is neither echo nor a translated error (RFC 5508 section 8,
+    #: docs/decisions.md "ICMP errors").
+    DROP_ICMP_TYPE = 20
+    #: An ICMP error whose ICMP checksum is wrong (RFC 792); never given a new one.
+    DROP_BAD_CHECKSUM = 21
+    #: An ICMP error the gateway host itself sent on the outside quoting a backend
+    #: that has no flow for it: suppressed, so no private address leaves.
+    DROP_LOCAL_ICMP_NO_FLOW = 22
+    #: ICMP errors the gateway host itself sent about a translated return packet,
+    #: whose quote was put back to the public address and port (``local_out``).
+    ICMP_ERROR_LOCAL_OUT = 23
 
 
 #: Public counter names, in index order (``snatgw stats``, ``gateway_stopped``, metrics).

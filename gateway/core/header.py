@@ -1,7 +1,7 @@
 """The header check both per-packet paths start with.
 
-It answers in one call, without raising, whether a queued packet is an
-unfragmented IPv4 packet whose transport header is all there, and where that
+It answers in one call, without raising, whether a queued packet is a whole
+(unfragmented or reassembled) IPv4 packet whose transport header is all there, and where that
 header starts. The thorough, slow reading of the same headers, for tools and
 tests, is :mod:`gateway.core.packet`.
 """
@@ -38,14 +38,15 @@ def l4_offset(buf: Buffer, n: int) -> int:
 
     An unfragmented IPv4 packet whose header and transport header fit in
     ``n`` bytes gives its header length (RFC 791 IHL); anything else is
-    malformed or a fragment, which this gateway translates neither of
-    (docs/kernel.md, "Pitfalls").
+    malformed or a fragment. The kernel reassembles fragments before the
+    queue (docs/kernel.md, "Fragments"), so one that arrives here means
+    reassembly is off; it is counted as a fragment whatever its length.
     """
-    if n < 28 or buf[0] >> 4 != 4:
-        return _MALFORMED
-    ihl = (buf[0] & 15) << 2
-    if ihl < 20 or n < ihl + _L4_MIN[buf[9]]:
+    if n < 20 or buf[0] >> 4 != 4:
         return _MALFORMED
     if buf[6] & 0x3F or buf[7]:
         return _FRAGMENT
+    ihl = (buf[0] & 15) << 2
+    if ihl < 20 or n < 28 or n < ihl + _L4_MIN[buf[9]]:
+        return _MALFORMED
     return ihl

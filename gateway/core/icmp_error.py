@@ -1,35 +1,89 @@
 """ICMP errors about a live flow, translated both ways with the header they quote
-(RFC 5508 section 7; RFC 1812 section 4.3.2.3 on what is quoted).
+(RFC 5508 section 7; RFC 1812 section 4.3.2.3 on what is quoted), and the ones the
+gateway host itself sends (``local_out``).
 
 An out2in error quotes our translated in2out packet (public -> remote); an
 in2out error from a backend quotes a translated return packet (remote ->
 backend). Either way the quoted header names the flow. The outer address, the
 quoted address and port and the quoted checksums are rewritten with the
 flow's deltas; the ICMP checksum, which covers the quote, is recomputed.
+
+An error the gateway host sends on the outside about a return packet it has
+already rewritten (TTL exceeded, fragmentation needed toward a smaller inside
+MTU, host unreachable) quotes the backend's private address and port
+(docs/kernel.md, "Pitfalls"). :meth:`IcmpErrors.local_out` gets those from
+mangle OUTPUT and puts the quote back to the flow's public address and port;
+the outer source stays the host's own outside address (the router that
+really sent it, as RFC 5508 section 7.2 wants the error to stay meaningful
+to the remote, which matches it by the quote). A quote naming a backend
+without a flow is suppressed, so no private address leaves.
+
+Hygiene (RFC 5508 section 8, RFC 6918): only destination unreachable, time
+exceeded and parameter problem are translated. Redirect, source quench and
+every other type that is neither echo nor one of those is dropped and counted
+(``drop_icmp_type``) in both directions; an error whose ICMP checksum is
+wrong is dropped and counted (``drop_bad_checksum``), never given a new one.
 """
 
 from __future__ import annotations
 
-from gateway.core.checksum import apply, checksum
+from gateway.core.checksum import apply, checksum, ones_sum
 from gateway.core.counters import Counter
-from gateway.core.header import H_IP, Buffer, H
+from gateway.core.header import H_IP, Buffer, H, l4_offset
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.placement import Placement
-from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Verdict
+from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Verdict
 
-#: ICMP types that are errors quoting a packet (RFC 792): unreachable, source
-#: quench, redirect, time exceeded, parameter problem.
-ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
+#: The errors that are translated (RFC 792): destination unreachable, time
+#: exceeded, parameter problem.
+TRANSLATED_ERRORS = frozenset((3, 11, 12))
+#: Every ICMP type other than echo: the per-packet paths hand these to
+#: :meth:`IcmpErrors._icmp_error`, which translates :data:`TRANSLATED_ERRORS`
+#: and drops the rest by name (redirect 5, source quench 4, router
+#: advertisement/solicitation 9/10, timestamp 13/14, information 15/16,
+#: address mask 17/18, ...).
+ICMP_ERRORS = frozenset(range(256)) - {ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY}
 ZERO2 = b"\0\0"
+
+#: How :meth:`IcmpErrors._icmp_error` was reached.
+_OUT2IN, _IN2OUT, _LOCAL_OUT = 0, 1, 2
 
 
 class IcmpErrors(Placement):
-    """The ICMP error translation both per-packet paths hand errors to."""
+    """The ICMP error translation both per-packet paths hand errors to, and
+    the entry point for the host's own errors."""
 
-    def _icmp_error(self, buf: Buffer, ihl: int, n: int, in2out: bool) -> Verdict:
-        """Translate an ICMP error about a live flow; drop (counted) anything else."""
+    def local_out(self, buf: Buffer, now: float) -> Verdict:
+        """An ICMP error the gateway host sends on the outside (mangle OUTPUT).
+
+        One that quotes a translated return packet leaves quoting the flow's
+        public address and port; one quoting a backend without a flow is
+        dropped (``drop_local_icmp_no_flow``); one that quotes nothing of
+        ours (the host's own business) is accepted unchanged.
+        """
+        n = len(buf)
+        ihl = l4_offset(buf, n)
+        if ihl < 0:
+            self.counters[-ihl] += 1
+            return DROP
+        if buf[9] != PROTO_ICMP or buf[ihl] not in ICMP_ERRORS:
+            return ACCEPT
+        return self._icmp_error(buf, ihl, n, _LOCAL_OUT)
+
+    def _icmp_error(self, buf: Buffer, ihl: int, n: int, way: int) -> Verdict:
+        """Translate an ICMP error about a live flow; drop (counted) anything else.
+
+        ``way`` is 1 (or True) for in2out, 0 (False) for out2in, 2 for local_out.
+        """
+        if buf[ihl] not in TRANSLATED_ERRORS:
+            self.counters[Counter.DROP_ICMP_TYPE] += 1
+            return DROP
+        if ones_sum(memoryview(buf)[ihl:n]) != 0xFFFF:
+            self.counters[Counter.DROP_BAD_CHECKSUM] += 1
+            return DROP
+        in2out = way != _OUT2IN
         i = ihl + 8
         if n < i + 20 or buf[i] >> 4 != 4:
             self.counters[Counter.DROP_MALFORMED] += 1
@@ -47,6 +101,8 @@ class IcmpErrors(Placement):
             ident = bytes(buf[l4 + 4 : l4 + 6])
             ports = ident + ZERO2 if in2out else ZERO2 + ident
             port_at = l4 + 4
+        elif way == _LOCAL_OUT:
+            return self._local_unknown(buf, i)
         else:
             self.counters[Counter.DROP_UNSUPPORTED] += 1
             return DROP
@@ -54,9 +110,17 @@ class IcmpErrors(Placement):
         flows = self.inside[iproto] if in2out else self.outside[iproto]
         f = flows.get(bytes(buf[i + 16 : i + 20]) + bytes(buf[i + 12 : i + 16]) + ports)
         if f is None:
+            if way == _LOCAL_OUT:
+                return self._local_unknown(buf, i)
             self.counters[Counter.DROP_NO_FLOW] += 1
             return DROP
-        if in2out:
+        if way == _LOCAL_OUT:
+            # The outer header is the host's own (source: its outside address).
+            d_ip, d_l4 = f.in2out_ip, f.in2out_l4
+            H.pack_into(buf, i + 10, apply(buf[i + 10] << 8 | buf[i + 11], d_ip))
+            buf[i + 16 : i + 20] = f.public_b
+            buf[port_at : port_at + 2] = f.public_port_b
+        elif in2out:
             if bytes(buf[12:16]) != f.backend_b:
                 self.counters[Counter.DROP_NO_FLOW] += 1
                 return DROP
@@ -90,8 +154,19 @@ class IcmpErrors(Placement):
         buf[ihl + 2] = 0
         buf[ihl + 3] = 0
         H.pack_into(buf, ihl + 2, checksum(memoryview(buf)[ihl:n]))
+        if way == _LOCAL_OUT:
+            self.counters[Counter.ICMP_ERROR_LOCAL_OUT] += 1
+            return ACCEPT_MODIFIED
         if in2out:
             self.counters[Counter.ICMP_ERROR_IN2OUT] += 1
             return ACCEPT_MODIFIED
         self.counters[Counter.ICMP_ERROR_OUT2IN] += 1
         return ACCEPT_MODIFIED_MARK
+
+    def _local_unknown(self, buf: Buffer, i: int) -> Verdict:
+        """A host error whose quote names no flow: suppressed if the quoted
+        destination is a backend, left alone otherwise (the host's own traffic)."""
+        if int.from_bytes(buf[i + 16 : i + 20], "big") in self.backends:
+            self.counters[Counter.DROP_LOCAL_ICMP_NO_FLOW] += 1
+            return DROP
+        return ACCEPT

@@ -17,7 +17,11 @@ PUBLICS = {t.FRONTEND_IP, t.INSTANCE_PUBLIC, *t.DEFAULT_SNAT}
 
 
 def assert_clean(lab: LabNames) -> None:
-    assert "SNATGW" not in h.iptables_save(lab)
+    """Nothing queued and no public address left; at most the guard (stopped = "block",
+    the default: docs/kernel.md, "Guard") remains."""
+    saved = h.iptables_save(lab)
+    assert "NFQUEUE" not in saved and "notrack" not in saved, saved
+    assert "SNATGW" not in saved or "-A SNATGW-GUARD -o out0" in saved, saved
     assert h.out_addresses(lab) == {t.OUTSIDE_GW}
 
 
@@ -30,7 +34,8 @@ def assert_fails_closed(lab: LabNames, why: str) -> None:
 
 
 def test_stop_removes_rules_and_addresses(lab: LabNames, gateway: h.GatewayFactory) -> None:
-    """SIGTERM: exit 0, counters logged, no SNATGW chain and no public address left, no leak."""
+    """SIGTERM: exit 0, counters logged, nothing queued (only the guard) and no public address
+    left, no leak."""
     assert_clean(lab)
     gw = gateway(h.lab_config())
     assert "SNATGW" in h.iptables_save(lab), "the gateway installs its chains"
@@ -112,4 +117,4 @@ def test_a_bad_config_changes_nothing(
     if any_of:
         assert any(tok in line for tok in any_of), f"none of {any_of} in {line!r}"
     assert h.gw_snapshot(lab) == before
-    assert "SNATGW" not in h.iptables_save(lab)
+    assert "NFQUEUE" not in h.iptables_save(lab)
