@@ -312,3 +312,76 @@ def test_snapshot_rows_are_copies() -> None:
     doc = persist.to_dict(snap)
     i = doc["flow_fields"].index("pkts_out")
     assert max(r[i] for r in doc["flows"]) < f.pkts_out
+
+
+# --------------------------------------------------------------------------- the adapter's file
+
+
+class _Log:
+    """Collects structlog-style calls: (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.calls.append((level, event, kw))
+
+
+def test_state_path_is_the_configured_one_or_systemds_state_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A configured path wins, "" means none, unset follows $STATE_DIRECTORY (else none)."""
+    from pathlib import Path
+
+    from gateway.adapters.statefile import state_path
+
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert state_path(None) is None and state_path("") is None
+    assert state_path("/x/s.json") == Path("/x/s.json")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/snatgw")
+    assert state_path(None) == Path("/var/lib/snatgw/state.json")
+    assert state_path("") is None
+
+
+def test_stop_save_and_start_restore_through_the_file(tmp_path: Any) -> None:
+    """The adapter writes atomically (mode 0600, no temp file left) and reads it back, one event each."""
+    from gateway.adapters import statefile
+
+    import time
+
+    path = tmp_path / "d" / "state.json"
+    t = busy_table(now=time.monotonic())  # the adapter reads the real clocks
+    log = _Log()
+    saver = statefile.StateSaver(t, None, log, lambda: (path, 5.0))  # type: ignore[arg-type]
+    saver.stop_and_save()
+    assert [c[1] for c in log.calls] == ["state_saved"] and log.calls[0][2]["flows"] == t.flow_count()
+    assert (path.stat().st_mode & 0o777) == 0o600 and sorted(p.name for p in path.parent.iterdir()) == [
+        "state.json"
+    ]
+    t2 = TranslationTable(lab_model(), now=0.0)
+    statefile.restore(t2, path, log)
+    assert log.calls[-1][1] == "state_restored" and log.calls[-1][2]["restored"] == t.flow_count()
+    assert {k: v[1:] for k, v in mappings(t2).items()} == {k: v[1:] for k, v in mappings(t).items()}
+
+
+@pytest.mark.parametrize(("content", "level", "reason"), [
+    (None, "info", "missing"),
+    (b"\x00garbage", "warning", "refused: not JSON"),
+    (b'{"format": "snatgw-state", "version": 2}', "warning", "refused: version 2"),
+])
+def test_a_missing_or_bad_file_is_one_event_and_an_empty_table(
+    tmp_path: Any, content: bytes | None, level: str, reason: str
+) -> None:
+    """Missing, garbage, another version: one state_not_restored event, nothing raised, no flows."""
+    from gateway.adapters import statefile
+
+    path = tmp_path / "state.json"
+    if content is not None:
+        path.write_bytes(content)
+    log = _Log()
+    t = TranslationTable(lab_model(), now=0.0)
+    statefile.restore(t, path, log)
+    assert len(log.calls) == 1
+    got_level, event, kw = log.calls[0]
+    assert (got_level, event) == (level, "state_not_restored") and kw["reason"].startswith(reason)
+    assert t.flow_count() == 0
