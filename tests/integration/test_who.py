@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +83,29 @@ def test_who_names_the_backend_using_a_port_live_and_from_the_log(
     assert json.loads(frontend.stdout)["reason"].startswith("frontend port of an LB rule"), frontend.stdout
     bad = gw.cli("who", "not-an-endpoint")
     assert bad.returncode == 2 and "PUBLIC_IP:PORT" in bad.stderr.decode(), bad
+
+
+def test_who_from_the_log_follows_a_block_across_a_restart_with_a_state_file(
+    lab: LabNames, gateway: h.GatewayFactory, tmp_path: Path
+) -> None:
+    """A standalone backend's block, restored after SIGTERM+start, is logged again by the new run,
+    so `who --at` after the restart still names it (without the re-announcement: nobody)."""
+    state = tmp_path / "state.json"
+    config = h.lab_config(mutate=lambda cfg: cfg["gateway"].update(state_file=str(state), idle_timeout=600))
+    gw = gateway(config)
+    steps: list[list[Any]] = [["send", 0, t.SERVER, 5000, "one"], ["recv", 0, 3]]
+    out = h.probe(lab.be, {"sockets": [{"src": BACKEND}], "steps": steps}, timeout=20)
+    pub_ip, pub_port = h.parse_peer(next(r for r in out if r["op"] == "recv")["data"])
+    assert gw.stop() == 0
+    log = tmp_path / "both-runs.log"
+    first = gw.log_path.read_bytes()
+
+    gw2 = gateway(config)
+    h.wait_until(lambda: any(e["backend"] == BACKEND for e in gw2.events("port_block_allocated")), 10,
+                 what="the restored block is logged by the new run")
+    log.write_bytes(first + gw2.log_path.read_bytes())
+    after = _who(f"{pub_ip}:{pub_port}", "--at", str(time.time()), "--log", str(log))
+    assert after["holder"] is not None and after["holder"]["backend"] == BACKEND, after
+    assert after["previous"]["backend"] == BACKEND and after["previous"]["end_event"] == "gateway_stopped"
+    live = json.loads(gw2.cli("who", f"{pub_ip}:{pub_port}", "--json").stdout)
+    assert live["holder"]["backend"] == BACKEND and len(live["flows"]) == 1, live
