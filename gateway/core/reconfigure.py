@@ -233,6 +233,7 @@ class Reconfigure(FlowLifecycle):
         backends = list(addr.members.values())
         self._drop_backends(addr, backends, ReclaimReason.ADDRESS_REMOVED)
         del self.addresses[addr.ip]
+        self._tier_changed.pop(addr.ip, None)  # a later address of that IP starts afresh
         return len(backends)
 
     def _reclaimed(
