@@ -188,10 +188,19 @@ def replace(
     return apply(inside, outside, queue, publics, tcp_queue)
 
 
-def guard(inside: str, outside: str) -> None:
+def guard(inside: str, outside: str) -> bool:
     """Leave only the guard (``stopped = "block"``): nothing queued, nothing from
-    the inside leaves, nothing unsolicited gets in."""
-    apply(inside, outside, 0, (), None, translate=False)
+    the inside leaves, nothing unsolicited gets in.
+
+    Never raises, so the rest of a stop still runs: if the swap fails the old
+    rules stay as they were (queue rules nobody answers drop, the guard drops
+    the rest), and False says so.
+    """
+    try:
+        apply(inside, outside, 0, (), None, translate=False)
+    except (OSError, RuntimeError):
+        return False
+    return True
 
 
 def remove() -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+
+import pytest
+
+from gateway.adapters import iptables
 from gateway.adapters.iptables import ruleset
 
 
@@ -71,3 +76,18 @@ def test_defragmentation_and_host_icmp_errors_are_asked_for() -> None:
     assert out == [f"-A SNATGW-OUT -o out0 -p icmp -m icmp --icmp-type {t} -j NFQUEUE --queue-num 7"
                    for t in (3, 4, 5, 11, 12)]
     assert "-I OUTPUT 1 -j SNATGW-OUT" in _table(text, "mangle")
+
+
+def test_a_failing_guard_swap_does_not_abort_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """guard() reports a failed iptables-restore instead of raising, so the rest of the
+    stop (forwarding, addresses, sockets) still runs; the old rules stay (fail closed)."""
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str], data: str | None = None) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        rc = 1 if argv[0] == "iptables-restore" else 0
+        return subprocess.CompletedProcess(argv, rc, "", "boom")
+
+    monkeypatch.setattr(iptables, "_run", fake_run)
+    assert iptables.guard("in0", "out0") is False
+    assert [c[0] for c in calls] == ["iptables-save", "iptables-restore"]
