@@ -34,8 +34,9 @@ import sys
 from scapy.all import IP, UDP, conf, raw, send, sniff
 conf.verb = 0
 pub, pport, server = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-probe = IP(src=server, dst=pub, ttl=1) / UDP(sport=5000, dport=pport) / b"ttl one"
-got = sniff(iface="eth0", filter=f"icmp and dst host {server}", count=1, timeout=4,
+ttl = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+probe = IP(src=server, dst=pub, ttl=ttl) / UDP(sport=5000, dport=pport) / b"ttl one"
+got = sniff(iface="eth0", filter=f"icmp and dst host {server}", count=1, timeout=8,
             started_callback=lambda: send(probe))
 for p in got:
     print(raw(p[IP]).hex(), flush=True)
@@ -83,13 +84,13 @@ BULK = 300_000
 PUSH_PORT = 7000
 
 
-def _ttl_one(lab: LabNames, pub: str, pport: int) -> list[bytes]:
-    res = ns_run(lab.inet, [h.PYTHON, "-c", TTL_ONE, pub, str(pport), t.SERVER], timeout=20)
+def _ttl_one(lab: LabNames, pub: str, pport: int, ttl: int = 1) -> list[bytes]:
+    res = ns_run(lab.inet, [h.PYTHON, "-c", TTL_ONE, pub, str(pport), t.SERVER, str(ttl)], timeout=20)
     return [bytes.fromhex(x) for x in res.stdout.decode().split()]
 
 
-def _udp_flow(lab: LabNames) -> tuple[str, int]:
-    out = h.probe(lab.be, {"sockets": [{"src": t.POOL_MEMBERS[0]}],
+def _udp_flow(lab: LabNames, src: str = t.POOL_MEMBERS[0]) -> tuple[str, int]:
+    out = h.probe(lab.be, {"sockets": [{"src": src}],
                            "steps": [["send", 0, t.SERVER, t.WHOAMI_UDP_PORT, "hi"], ["recv", 0, 3]]})
     return h.parse_peer(out[-1]["data"])
 
@@ -218,3 +219,30 @@ def test_forged_redirected_and_bad_checksum_errors_do_not_reach_the_backend(
         ns_run(lab.inet, [h.PYTHON, "-c", FORGE, pub, str(pport), t.SERVER, "real"])
         h.wait_until(lambda: cap.current(), 5, what="the real error at the backend")
     assert f"> {t.POOL_MEMBERS[0]}: ICMP" in cap.lines[0], cap.lines
+
+
+def test_host_unreachable_for_a_vanished_backend_names_no_private_address(
+    lab: LabNames, gw: h.GatewayProc
+) -> None:
+    """A backend that stops answering ARP: the host's host unreachable about the return
+    packet reaches the remote quoting the public ip:port, no backend address in its bytes
+    (control: not queued, the quote names the backend)."""
+    gone = t.POOL_MEMBERS[2]
+    pub, pport = _udp_flow(lab, gone)
+    addr = ["ip", "addr", "del", f"{gone}/{t.INSIDE_PREFIXLEN}", "dev", t.BE_IF]
+    ns_run(lab.be, addr)
+    try:
+        ns_run(lab.gw, UNQUEUE_HOST_ERRORS)
+        ns_run(lab.gw, ["ip", "neigh", "flush", "dev", t.GW_IN_IF])
+        control = _ttl_one(lab, pub, pport, ttl=64)
+        ns_run(lab.gw, QUEUE_HOST_ERRORS)
+        ns_run(lab.gw, ["ip", "neigh", "flush", "dev", t.GW_IN_IF])
+        got = _ttl_one(lab, pub, pport, ttl=64)
+    finally:
+        ns_run(lab.be, ["ip", "addr", "add", *addr[3:]], check=False)
+    assert len(control) == 1 and ipaddress.IPv4Address(gone).packed in control[0], control
+    assert len(got) == 1, got
+    pkt = IP(got[0])
+    assert (pkt[ICMP].type, pkt[ICMP].code) == (3, 1), pkt.summary()
+    assert (pkt[IPerror].dst, pkt[UDPerror].dport) == (pub, pport)
+    assert not [a for a in PRIVATE if a in got[0]], got[0].hex()
