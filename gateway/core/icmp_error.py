@@ -47,6 +47,16 @@ TRANSLATED_ERRORS = frozenset((3, 11, 12))
 ICMP_ERRORS = frozenset(range(256)) - {ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY}
 ZERO2 = b"\0\0"
 
+def icmp_checksum_ok(buf: Buffer, ihl: int, n: int) -> bool:
+    """Whether the ICMP checksum over ``buf[ihl:n]`` is right (RFC 792: the one's
+    complement sum of the whole message, checksum included, is all ones).
+
+    For the echo paths too: an echo with a bad checksum must be dropped
+    (``drop_bad_checksum``), not passed with an adjusted one.
+    """
+    return ones_sum(memoryview(buf)[ihl:n]) == 0xFFFF
+
+
 #: How :meth:`IcmpErrors._icmp_error` was reached.
 _OUT2IN, _IN2OUT, _LOCAL_OUT = 0, 1, 2
 
@@ -80,7 +90,7 @@ class IcmpErrors(Placement):
         if buf[ihl] not in TRANSLATED_ERRORS:
             self.counters[Counter.DROP_ICMP_TYPE] += 1
             return DROP
-        if ones_sum(memoryview(buf)[ihl:n]) != 0xFFFF:
+        if not icmp_checksum_ok(buf, ihl, n):
             self.counters[Counter.DROP_BAD_CHECKSUM] += 1
             return DROP
         in2out = way != _OUT2IN

@@ -7,6 +7,7 @@ import ipaddress
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 
+from gateway.core.icmp_error import icmp_checksum_ok
 from gateway.core.packet import checksums_ok
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, DROP
@@ -133,3 +134,13 @@ def test_forged_errors_naming_tuples_that_do_not_exist_are_dropped(table: Transl
     real = IP(src=src, dst=SERVER) / UDP(sport=pport, dport=5000)
     buf = bytearray(bytes(IP(src=SERVER, dst=FRONTEND) / ICMP(type=3, code=3) / bytes(real)))
     assert table.out2in(buf, 0.3) != DROP
+
+
+def test_icmp_checksum_check_accepts_good_and_refuses_bad_messages() -> None:
+    """icmp_checksum_ok (for errors here, offered to the echo paths) tells a right ICMP
+    checksum from a wrong one, odd lengths included."""
+    for payload in (b"", b"x", b"ping" * 10 + b"!"):
+        good = bytearray(bytes(IP(src=SERVER, dst=FRONTEND) / ICMP(type=0, id=7) / payload))
+        assert icmp_checksum_ok(good, 20, len(good))
+        good[-1 if payload else 21] ^= 0x01
+        assert not icmp_checksum_ok(good, 20, len(good))
