@@ -91,3 +91,14 @@ def test_a_failing_guard_swap_does_not_abort_the_stop(monkeypatch: pytest.Monkey
     monkeypatch.setattr(iptables, "_run", fake_run)
     assert iptables.guard("in0", "out0") is False
     assert [c[0] for c in calls] == ["iptables-save", "iptables-restore"]
+
+
+def test_the_stopped_setting_defaults_to_block_and_refuses_other_values() -> None:
+    """[gateway] stopped: "block" unless set, "remove" accepted, anything else names the key."""
+    from gateway.config import ConfigError, parse
+
+    base = '[gateway]\ninside = "in0"\noutside = "out0"\n'
+    assert parse(base, "x.toml").stopped == "block"
+    assert parse(base + 'stopped = "remove"\n', "x.toml").stopped == "remove"
+    with pytest.raises(ConfigError, match="gateway.stopped"):
+        parse(base + 'stopped = "open"\n', "x.toml")
