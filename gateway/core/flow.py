@@ -117,11 +117,12 @@ UNKNOWN = -1
 def syn_wscale(buf: bytes | bytearray | memoryview, ihl: int, doff: int) -> int:
     """The window shift a SYN's options announce (RFC 7323 section 2.2), 0 without the option.
 
-    Walks the options between the fixed header and ``doff``; a malformed
-    option list ends the walk (never raises). Values above 14 count as 14.
+    Walks the options between the fixed header and ``doff`` (or the end of
+    the packet, if that comes first); a malformed option list ends the walk
+    (never raises). Values above 14 count as 14.
     """
     i = ihl + 20
-    end = ihl + doff
+    end = min(ihl + doff, len(buf))
     while i < end:
         kind = buf[i]
         if kind == 0:

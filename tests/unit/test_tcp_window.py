@@ -205,3 +205,14 @@ def test_window_scale_parser_never_raises(options: bytes) -> None:
     """Any option bytes give a shift from 0 to 14 and never an exception."""
     hdr = bytearray(20) + bytearray(options)
     assert 0 <= syn_wscale(hdr, 0, len(hdr)) <= MAX_WSCALE
+
+
+def test_a_syn_whose_data_offset_overruns_the_packet_is_translated_not_crashed() -> None:
+    """A SYN claiming 60 header bytes in a 40-byte packet: the option walk stops at the
+    end of the packet (shift 0), the flow opens, nothing raises (drop_internal stays 0)."""
+    t = table()
+    syn = tcp(B, SERVER, 40000, 80, "S", seq=ISN)
+    syn[32] = 0xF0  # data offset 15 words
+    assert t.in2out(syn, 0.0) == ACCEPT_MODIFIED
+    f = next(iter(t._tcp_inside.values()))
+    assert f.trk_scale == 0 and t.counters_dict()["drop_internal"] == 0
