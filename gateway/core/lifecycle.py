@@ -255,7 +255,7 @@ class FlowLifecycle(TableState):
             return True
         hog = self._hog
         if hog is None or now - self._hog_at >= HOG_RESCAN or len(hog.flows) < len(be.flows):
-            hog = self._hog = max(self.backends.values(), key=lambda b: len(b.flows))
+            hog = self._hog = max(self.backends.values(), key=lambda b: len(b.flows), default=be)
             self._hog_at = now
         if self._early_drop(hog, now) or (hog is not be and self._early_drop(be, now)):
             return True
@@ -270,7 +270,7 @@ class FlowLifecycle(TableState):
             if not line:
                 return False
             f, _none = line.popitem(last=False)
-            if not f.pkts_in:
+            if not f.pkts_in and self.inside[f.proto].get(f.inside_key) is f:
                 self.end_flow(f, EndReason.EARLY_DROP, now)
                 return True
         return False
