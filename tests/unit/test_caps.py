@@ -7,9 +7,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.core import views
 from gateway.core.block import PortBlock
 from gateway.core.events import fields as event_fields
+from gateway.core.flow import EndReason
 from gateway.core.model import GatewayModel
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
@@ -175,3 +179,46 @@ def test_default_model_has_documented_caps() -> None:
     """Defaults: 65536 flows per backend, 262144 in all, random ports (README, "Configuration")."""
     m = GatewayModel(default_snat=(ip(DEFAULTS[0]),))
     assert (m.max_flows_per_backend, m.max_flows, m.random_ports) == (65536, 262144, True)
+
+
+MANY = tuple(f"10.10.{9 + i // 250}.{i % 250 + 1}" for i in range(801))  # 32-port blocks
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 40)),
+                                       max_size=120))
+def test_random_ports_never_give_one_destination_a_port_twice(
+    seed: int, ops: list[tuple[bool, int, int]]
+) -> None:
+    """Whatever the seed and the order of opens and closes, two live flows toward one
+    destination never share a public port, and every port lies in the block (32 ports:
+    they run out toward one destination and come back)."""
+    t = TranslationTable(lab_model(members=MANY, random_ports=True), 0.0, random.Random(seed))
+    be_ip = ip("10.10.9.1")
+    for now, (close, dst, sport) in enumerate(ops):
+        pkt = udp("10.10.9.1", f"198.51.100.{2 + dst}", 30000 + sport, 5000)
+        if close:
+            be = t.backends[be_ip]
+            for f in list(be.flows)[:1]:
+                t.end_flow(f, EndReason.IDLE, float(now))
+        else:
+            t.in2out(pkt, float(now))
+        be = t.backends[be_ip]
+        seen = [(f.dest, f.public_port) for f in be.flows]
+        assert len(seen) == len(set(seen))
+        assert all(holds(be.block, p) for _d, p in seen)
+
+
+def test_early_drop_starts_the_vacancy_clock_of_a_standalone_backend_at_that_moment() -> None:
+    """A standalone backend whose only flow was early-dropped keeps its block until
+    idle_timeout after the drop (the vacancy clock starts when the last flow ended)."""
+    t = capped(per_backend=1)
+    send(t, "10.10.3.1", 30000, 0.0)
+    be = t.backends[ip("10.10.3.1")]
+    (f,) = be.flows
+    t._early_drop(be, 50.0)
+    assert be.vacant_since == 50.0 and t.get_timer() == 50.0 + 240.0
+    t.handle_timer(50.0 + 239.0)
+    assert ip("10.10.3.1") in t.backends
+    t.handle_timer(50.0 + 240.0)
+    assert ip("10.10.3.1") not in t.backends
