@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -346,8 +347,6 @@ def test_state_path_is_the_configured_one_or_systemds_state_directory(
 def test_stop_save_and_start_restore_through_the_file(tmp_path: Any) -> None:
     """The adapter writes atomically (mode 0600, no temp file left) and reads it back, one event each."""
     from gateway.adapters import statefile
-
-    import time
 
     path = tmp_path / "d" / "state.json"
     t = busy_table(now=time.monotonic())  # the adapter reads the real clocks
