@@ -205,11 +205,19 @@ class FlowLifecycle(TableState):
 
     def _tcp_out2in_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> bool:
         """A FIN, SYN or RST from the outside; False (counted, flow untouched) when a
-        FIN or RST lies outside the backend's window (:func:`in_window`)."""
+        FIN or RST lies outside the backend's window (:func:`in_window`), or when,
+        while the backend waits for a SYN-ACK, a SYN does not acknowledge the
+        backend's SYN (RFC 9293 section 3.10.7.3: not acceptable; a forged one
+        would otherwise open the flow before its window is known)."""
         flags = buf[ihl + 13]
         if flags & (TcpFlag.FIN | TcpFlag.RST):
             seq, ack, _doff, _flags, _win = TCP_TRACK(buf, ihl + 4)
             if not in_window(f, flags, seq, ack):
+                self.counters[Counter.DROP_TCP_OUT_OF_WINDOW] += 1
+                return False
+        elif f.state == TcpState.SYN_SENT and f.trk_isn >= 0:
+            seq, ack, _doff, _flags, _win = TCP_TRACK(buf, ihl + 4)
+            if not flags & TcpFlag.ACK or ack != f.trk_isn:
                 self.counters[Counter.DROP_TCP_OUT_OF_WINDOW] += 1
                 return False
         self._tcp_flags(f, flags, False, now)

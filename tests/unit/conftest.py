@@ -64,10 +64,13 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"hello") -
 
 def tcp(
     src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"",
-    seq: int = 0, ack: int = 0, window: int = 8192, options: Sequence[tuple[str, object]] | None = None,
+    seq: int = 0, ack: int | None = None, window: int = 8192,
+    options: Sequence[tuple[str, object]] | None = None,
 ) -> bytearray:
-    """A TCP segment; the defaults (seq 0, ack 0) make a RST "RA" with ack=1 the valid
-    answer to the default SYN (it acknowledges sequence 0 + 1)."""
+    """A TCP segment. Without ``ack``, a segment with ACK acknowledges 1: the default
+    SYN's sequence 0 + 1, as a genuine SYN-ACK or RST+ACK answering it would."""
+    if ack is None:
+        ack = 1 if "A" in flags else 0
     opts = list(options or ())
     seg = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=window, options=opts)
     return bytearray(bytes(IP(src=src, dst=dst) / seg / payload))

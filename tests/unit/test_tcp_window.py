@@ -216,3 +216,19 @@ def test_a_syn_whose_data_offset_overruns_the_packet_is_translated_not_crashed()
     assert t.in2out(syn, 0.0) == ACCEPT_MODIFIED
     f = next(iter(t._tcp_inside.values()))
     assert f.trk_scale == 0 and t.counters_dict()["drop_internal"] == 0
+
+
+def test_a_syn_ack_that_does_not_ack_the_backends_syn_is_dropped() -> None:
+    """In syn_sent a SYN-ACK from the outside must acknowledge the backend's SYN; a forged
+    one is dropped (drop_tcp_out_of_window) and leaves the flow in syn_sent, so a RST
+    after it still has to ack the SYN."""
+    t = table()
+    port = out(t, tcp(B, SERVER, 40000, 80, "S", seq=ISN), 0.0)[0]
+    f = next(iter(t._tcp_inside.values()))
+    assert t.out2in(tcp(SERVER, FRONTEND, 80, port, "SA", seq=RISN, ack=ISN + 99), 0.1) == DROP
+    assert t.out2in(tcp(SERVER, FRONTEND, 80, port, "S", seq=RISN), 0.1) == DROP
+    assert f.state == TcpState.SYN_SENT
+    assert t.out2in(tcp(SERVER, FRONTEND, 80, port, "RA", seq=RISN, ack=ISN + 99), 0.2) == DROP
+    assert t.out2in(tcp(SERVER, FRONTEND, 80, port, "SA", seq=RISN, ack=ISN + 1), 0.3) == ACCEPT_MODIFIED_MARK
+    assert f.state == TcpState.ESTABLISHED
+    assert t.counters_dict()["drop_tcp_out_of_window"] == 3
