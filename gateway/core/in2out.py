@@ -16,13 +16,14 @@ from gateway.core.checksum import apply
 from gateway.core.counters import Counter
 from gateway.core.flow import TCP_ACK_WIN, Flow
 from gateway.core.header import H_IP, KEY, UDP_HEADER, Buffer, H, l4_offset
-from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors
+from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED, DROP, Verdict
 
 _C_IN2OUT = Counter.IN2OUT_TRANSLATED.value
 _D_UNSUPPORTED = Counter.DROP_UNSUPPORTED.value
 _D_TCP_NO_FLOW = Counter.DROP_TCP_NO_FLOW.value
+_D_BAD_CHECKSUM = Counter.DROP_BAD_CHECKSUM.value
 
 
 class In2Out(IcmpErrors):
@@ -96,9 +97,14 @@ class In2Out(IcmpErrors):
         return self._new_flow(buf, ihl, PROTO_TCP, key, now)
 
     def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
-        """An echo request (its identifier is translated like a port) or an error."""
+        """An echo request (its identifier is translated like a port) or an error.
+        An echo with a wrong ICMP checksum is dropped before it can open a flow
+        (``drop_bad_checksum``, RFC 792; the incremental update would pass it on)."""
         typ = buf[ihl]
         if typ == ICMP_ECHO_REQUEST:
+            if not icmp_checksum_ok(buf, ihl, n):
+                self.counters[_D_BAD_CHECKSUM] += 1
+                return DROP
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
             f = self._icmp_inside.get(key) or self._new_flow(buf, ihl, PROTO_ICMP, key, now)
             if f is None:

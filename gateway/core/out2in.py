@@ -14,12 +14,13 @@ from __future__ import annotations
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
 from gateway.core.header import KEY, UDP_HEADER, Buffer, H, l4_offset
-from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ERRORS, ZERO2, IcmpErrors
+from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP, Verdict
 
 _C_OUT2IN = Counter.OUT2IN_TRANSLATED.value
 _D_NO_FLOW = Counter.DROP_NO_FLOW.value
+_D_BAD_CHECKSUM = Counter.DROP_BAD_CHECKSUM.value
 
 
 class Out2In(IcmpErrors):
@@ -73,7 +74,8 @@ class Out2In(IcmpErrors):
 
     def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
         """An echo reply to a live echo flow, or an error about a live flow; any
-        other protocol or ICMP type has no flow here."""
+        other protocol or ICMP type has no flow here. An echo reply with a wrong
+        ICMP checksum is dropped (``drop_bad_checksum``) and refreshes nothing."""
         typ = buf[ihl]
         if buf[9] == PROTO_ICMP and typ in ICMP_ERRORS:
             return self._icmp_error(buf, ihl, n, False)
@@ -82,6 +84,9 @@ class Out2In(IcmpErrors):
             f = self._icmp_outside.get(bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6]))
         if f is None:
             self.counters[_D_NO_FLOW] += 1
+            return DROP
+        if not icmp_checksum_ok(buf, ihl, n):
+            self.counters[_D_BAD_CHECKSUM] += 1
             return DROP
         buf[16:20] = f.backend_b
         H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.out2in_ip))
