@@ -98,7 +98,7 @@ class GatewayCollector:
         yield family(C, "snatgw_packets", "Packets translated", ["direction"],
                      (([d], c[f"{d}_translated"]) for d in ("in2out", "out2in")))
         yield family(C, "snatgw_icmp_errors", "ICMP errors translated", ["direction"],
-                     (([d], c[f"icmp_error_{d}"]) for d in ("in2out", "out2in")))
+                     (([d], c[f"icmp_error_{d}"]) for d in ("in2out", "out2in", "local_out")))
         yield family(C, "snatgw_dropped_packets", "Packets dropped, by reason", ["reason"],
                      by_key(stats["drops"]))
         yield family(G, "snatgw_flows", "Live flows", ["protocol", "state"],

