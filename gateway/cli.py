@@ -69,21 +69,27 @@ def _socket_path(args: argparse.Namespace) -> str:
     return path
 
 
+def _ask(path: str, name: str, params: dict[str, Any]) -> Any:
+    """The running gateway's answer to ``name``, or None after saying on stderr why not."""
+    from gateway.adapters.control import RequestError, request
+
+    try:
+        return request(path, name, **params)
+    except RequestError as e:
+        print(f"snatgw {name}: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"snatgw {name}: cannot reach the gateway at {path}: {e}", file=sys.stderr)
+    return None
+
+
 def _operator_command(name: str, render: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
     """``snatgw NAME``: ask the running gateway, print a table or (``--json``) its answer."""
 
     def command(args: argparse.Namespace) -> int:
-        from gateway.adapters.control import RequestError, request
-
         params = {k: getattr(args, k) for k in ("backend", "proto") if getattr(args, k, None) is not None}
         path = _socket_path(args)
-        try:
-            result = request(path, name, **params)
-        except RequestError as e:
-            print(f"snatgw {name}: {e}", file=sys.stderr)
-            return EXIT_SYSTEM
-        except (OSError, ValueError) as e:
-            print(f"snatgw {name}: cannot reach the gateway at {path}: {e}", file=sys.stderr)
+        result = _ask(path, name, params)
+        if result is None:
             return EXIT_SYSTEM
         print(json.dumps(result, indent=2) if args.json else render(result))
         if name == "reload" and not result.get("applied"):
@@ -135,19 +141,13 @@ def _cmd_who(args: argparse.Namespace) -> int:
             return EXIT_SYSTEM
         print(json.dumps(result, indent=2) if args.json else show.who_log(result))
         return 0
-    from gateway.adapters.control import RequestError, request
 
     path = _socket_path(args)
     params: dict[str, Any] = {"public_ip": ip, "port": port}
     if args.proto is not None:
         params["proto"] = args.proto
-    try:
-        live = request(path, "who", **params)
-    except RequestError as e:
-        print(f"snatgw who: {e}", file=sys.stderr)
-        return EXIT_SYSTEM
-    except (OSError, ValueError) as e:
-        print(f"snatgw who: cannot reach the gateway at {path}: {e}", file=sys.stderr)
+    live = _ask(path, "who", params)
+    if live is None:
         return EXIT_SYSTEM
     print(json.dumps(live, indent=2) if args.json else show.who(live))
     return 0

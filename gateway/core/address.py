@@ -45,6 +45,27 @@ class AddressKind(StrEnum):
     DEFAULT_SNAT = "default_snat"
 
 
+@dataclass(slots=True)
+class EventGate:
+    """At most one event per interval, counting the ones it holds back (reported
+    as ``suppressed`` in the next event that passes)."""
+
+    last: float = float("-inf")
+    suppressed: int = 0
+
+    def admit(self, now: float, interval: float) -> bool:
+        """Whether an event may go out at ``now``; if so the caller emits it with
+        :attr:`suppressed` and then calls :meth:`sent`."""
+        if now - self.last < interval:
+            self.suppressed += 1
+            return False
+        return True
+
+    def sent(self, now: float) -> None:
+        self.last = now
+        self.suppressed = 0
+
+
 def ip_str(ip: int) -> str:
     """Dotted quad of ``ip`` (ten times faster than ``ipaddress`` for big snapshots)."""
     return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}"
@@ -100,8 +121,8 @@ class Backend:
     created: int = 0
     exhausted: int = 0
     last_exhausted: float = float("-inf")
-    last_event: float = float("-inf")
-    suppressed: int = 0
+    #: Rate limit of ``snat_port_exhausted``.
+    exhausted_events: EventGate = field(default_factory=EventGate)
     #: A standalone backend without flows: when its last flow ended (it gives its
     #: block back ``idle_timeout`` after that).
     vacant_since: float | None = None
@@ -110,5 +131,4 @@ class Backend:
     #: flows refused at a cap, and the rate limit of ``flow_limit_reached``.
     unreplied: OrderedDict[Flow, None] = field(default_factory=OrderedDict)
     refused: int = 0
-    refused_event: float = float("-inf")
-    refused_suppressed: int = 0
+    refused_events: EventGate = field(default_factory=EventGate)

@@ -19,7 +19,8 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from gateway.core.block import PortBlock
-from gateway.core.model import Timeouts
+from gateway.core.checksum import delta
+from gateway.core.model import Proto, Timeouts
 
 
 class TcpState(IntEnum):
@@ -72,6 +73,7 @@ FIN_OUT2IN = 2
 _FIN_BOTH = FIN_IN2OUT | FIN_OUT2IN
 
 _SYN_ACK = TcpFlag.SYN | TcpFlag.ACK
+ICMP = Proto.ICMP
 
 
 def timeout_for(state: int, timeouts: Timeouts) -> float:
@@ -171,6 +173,21 @@ def in_window(f: Flow, flags: int, seq: int, ack: int) -> bool:
     if d <= wnd:
         return True
     return not flags & TcpFlag.RST and SEQ_MASK + 1 - d <= wnd + 1
+
+
+def l4_deltas(
+    proto: int, backend_b: bytes, backend_port_b: bytes, public_b: bytes, public_port_b: bytes
+) -> tuple[int, int]:
+    """The transport checksum adjustments (in2out, out2in) of a flow (RFC 1624).
+
+    TCP and UDP checksums cover the pseudo-header, so their adjustment spans
+    the address and the port; ICMP's covers only the message, so only the
+    echo identifier counts.
+    """
+    if proto == ICMP:
+        return delta(backend_port_b, public_port_b), delta(public_port_b, backend_port_b)
+    inside, outside = backend_b + backend_port_b, public_b + public_port_b
+    return delta(inside, outside), delta(outside, inside)
 
 
 def first_state(flags: int) -> TcpState:

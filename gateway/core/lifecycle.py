@@ -31,6 +31,7 @@ from gateway.core.flow import (
     TcpState,
     first_state,
     in_window,
+    l4_deltas,
     syn_wscale,
     tcp_next_state,
     timeout_for,
@@ -93,12 +94,7 @@ class FlowLifecycle(TableState):
             if inv.high_armed and inv.in_use >= self.model.high_water * inv.size:
                 self._high_water(be, proto, inv.in_use, inv.size)
                 inv.high_armed = False
-        if proto == PROTO_ICMP:
-            in2out_l4 = delta(backend_port_b, public_port_b)
-            out2in_l4 = delta(public_port_b, backend_port_b)
-        else:
-            in2out_l4 = delta(backend_b + backend_port_b, public_b + public_port_b)
-            out2in_l4 = delta(public_b + public_port_b, backend_b + backend_port_b)
+        in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
         f = Flow(
             proto=proto,
             scenario=be.scenario,
@@ -288,8 +284,8 @@ class FlowLifecycle(TableState):
         backend per :data:`FLOW_LIMIT_EVENT_INTERVAL`."""
         self.counters[Counter.DROP_FLOW_LIMIT] += 1
         be.refused += 1
-        if now - be.refused_event < FLOW_LIMIT_EVENT_INTERVAL:
-            be.refused_suppressed += 1
+        gate = be.refused_events
+        if not gate.admit(now, FLOW_LIMIT_EVENT_INTERVAL):
             return
         self.events.append(
             FlowLimitReached(
@@ -299,19 +295,18 @@ class FlowLifecycle(TableState):
                 limit=limit,
                 max_flows=cap,
                 flows=len(be.flows),
-                suppressed=be.refused_suppressed,
+                suppressed=gate.suppressed,
             )
         )
-        be.refused_event = now
-        be.refused_suppressed = 0
+        gate.sent(now)
 
     def _exhausted(self, be: Backend, proto: int, dest: bytes, now: float) -> None:
         """Count a failed flow and emit a rate-limited ``snat_port_exhausted`` event."""
         self.counters[Counter.DROP_EXHAUSTED] += 1
         be.exhausted += 1
         be.last_exhausted = now
-        if now - be.last_event < self.model.exhaustion_event_interval:
-            be.suppressed += 1
+        gate = be.exhausted_events
+        if not gate.admit(now, self.model.exhaustion_event_interval):
             return
         self.events.append(
             SnatPortExhausted(
@@ -320,11 +315,10 @@ class FlowLifecycle(TableState):
                 protocol=PROTO_NAMES.get(proto, str(proto)),
                 destination=f"{ip_str(int.from_bytes(dest[:4], 'big'))}:{int.from_bytes(dest[4:], 'big')}",
                 block_size=be.block.size if be.block is not None else 0,
-                suppressed=be.suppressed,
+                suppressed=gate.suppressed,
             )
         )
-        be.last_event = now
-        be.suppressed = 0
+        gate.sent(now)
 
     def _high_water(self, be: Backend, proto: int, in_use: int, size: int) -> None:
         self.events.append(

@@ -24,7 +24,7 @@ from gateway.core.address import Backend, PublicAddress, Scenario, ip_str
 from gateway.core.block import CHUNK_SHIFT, CHUNKS, PORT_BYTES, PortBlock
 from gateway.core.checksum import delta
 from gateway.core.errors import StateError
-from gateway.core.flow import Flow, TcpState, timeout_for
+from gateway.core.flow import Flow, TcpState, l4_deltas, timeout_for
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES
 from gateway.core.persist import FIELD_KINDS, FORMAT, REQUIRED_FIELDS, TIME_FIELDS, VERSION, BackendRecord
 from gateway.core.table import TranslationTable
@@ -124,12 +124,7 @@ def _check_flow(v: dict[str, Any], what: str) -> None:
     remote_port_b = PORT_BYTES[v["remote_port"]]
     if proto == PROTO_ICMP and v["remote_port"]:
         raise _fail(f"{what}.remote_port: an ICMP flow has none")
-    if proto == PROTO_ICMP:
-        l4_in = delta(backend_port_b, public_port_b)
-        l4_out = delta(public_port_b, backend_port_b)
-    else:
-        l4_in = delta(backend_b + backend_port_b, public_b + public_port_b)
-        l4_out = delta(public_b + public_port_b, backend_b + backend_port_b)
+    l4_in, l4_out = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
     expect = {
         "backend_b": backend_b,
         "public_b": public_b,
