@@ -32,6 +32,7 @@ import pytest
 
 from gateway.lab import layout as t
 from gateway.lab.layout import LabNames
+from gateway.lab.procs import ProcessSet, close_pipes
 from gateway.lab.topology import lab_down, lab_lock, lab_up
 from tests.integration import helpers as h
 
@@ -130,3 +131,15 @@ def module_gateway(
 def lab_config() -> Callable[..., str]:
     """The config builder (deploy/examples/lab.toml with overrides)."""
     return h.lab_config
+
+
+@pytest.fixture()
+def procs() -> Iterator[ProcessSet]:
+    """Processes a test starts in the lab; each is stopped by its pid, also when the test fails."""
+    ps = ProcessSet()
+    try:
+        yield ps
+    finally:
+        for proc in list(ps.procs):
+            ps.stop(proc, timeout=3)
+            close_pipes(proc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -109,14 +108,6 @@ class _Lines:
         out: dict[str, object] = json.loads(line)
         return out
 
-
-@pytest.fixture()
-def procs() -> Iterator[ProcessSet]:
-    ps = ProcessSet()
-    try:
-        yield ps
-    finally:
-        ps.stop_all()
 
 
 @pytest.fixture()

@@ -16,7 +16,6 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from gateway.lab import layout as t
 from gateway.lab.layout import LabNames
 from gateway.lab.netns import LabError, ns_run
-from gateway.lab.procs import ProcessSet, close_pipes
+from gateway.lab.procs import ProcessSet
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -152,16 +151,6 @@ class Lines:
         self.say(line)
         return self.next(timeout)
 
-
-@pytest.fixture()
-def procs() -> Iterator[ProcessSet]:
-    ps = ProcessSet()
-    try:
-        yield ps
-    finally:
-        for p in list(ps.procs):
-            ps.stop(p, timeout=3)
-            close_pipes(p)
 
 
 def echo_server(procs: ProcessSet, lab: LabNames) -> Lines:
