@@ -13,11 +13,12 @@ import json
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,28 @@ class ProbeProc:
     def close(self) -> None:
         self._procs.stop(self.proc, timeout=3)
         close_pipes(self.proc)
+
+
+@contextlib.contextmanager
+def idle_unix_clients(path: str, n: int, timeout: float = 15.0) -> Iterator[list[socket.socket]]:
+    """``n`` connections to the Unix socket ``path`` that never send anything (a slow
+    or stuck client of the control socket); all closed at the end."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.settimeout(timeout)
+            s.connect(path)
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends on ``sock`` until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data

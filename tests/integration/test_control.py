@@ -9,12 +9,11 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
+from gateway.lab.clients import idle_unix_clients, read_until_closed
 from gateway.lab.gatewayproc import snatgw_argv
 from gateway.lab.layout import LabNames
 from gateway.lab.netns import ns_run
@@ -27,28 +26,10 @@ IDLE = 100
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
-@contextmanager
-def idle_clients(path: str, n: int) -> Iterator[list[socket.socket]]:
-    """``n`` connections to the control socket that never send a request; closed at the end."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(15)
-            s.connect(path)
-            socks.append(s)
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
-
 
 def _closed_with(s: socket.socket) -> dict[str, Any]:
     """Everything the server sent before closing ``s``, as the one JSON line it must be."""
-    data = b""
-    while chunk := s.recv(4096):
-        data += chunk
-    reply: dict[str, Any] = json.loads(data)
+    reply: dict[str, Any] = json.loads(read_until_closed(s))
     return reply
 
 
@@ -61,7 +42,7 @@ def test_100_idle_clients_do_not_delay_status_and_are_closed_by_their_deadline(
 ) -> None:
     """With 100 idle connections open, `snatgw status` answers; each idle one is closed with an error."""
     gw = gateway(h.lab_config())
-    with idle_clients(gw.socket, IDLE) as socks:
+    with idle_unix_clients(gw.socket, IDLE) as socks:
         began = time.monotonic()
         res = gw.cli("status", "--json", timeout=30)
         took = time.monotonic() - began
@@ -82,7 +63,7 @@ def test_connections_over_the_limit_are_refused_at_once_with_an_error_line(
 ) -> None:
     """control_max_clients = 10: the 11th connection gets 'too many control connections' and is counted."""
     gw = gateway(_with_gateway_keys(control_max_clients=10))
-    with idle_clients(gw.socket, 10):
+    with idle_unix_clients(gw.socket, 10):
         res = gw.cli("stats", timeout=30)
         assert res.returncode == 1, (res.returncode, res.stdout)
         assert "too many control connections (limit 10)" in res.stderr.decode(errors="replace")

@@ -16,6 +16,8 @@ import pytest
 
 from gateway.adapters import control
 from gateway.adapters.control import ControlServer, RequestError, request, socket_mode
+from gateway.lab.clients import idle_unix_clients, read_until_closed
+from gateway.lab.procs import wait_until
 
 
 def _handler(req: dict[str, Any]) -> Any:
@@ -34,64 +36,35 @@ def server(tmp_path: Path) -> Iterator[ControlServer]:
         srv.close()
 
 
-def _idle(path: str, n: int) -> list[socket.socket]:
-    out = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect(path)
-        out.append(s)
-    return out
-
-
-def _read_all(s: socket.socket) -> bytes:
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-
-
-def _wait(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition did not hold in time"
-        time.sleep(0.02)
+def _clients(server: ControlServer, n: int) -> None:
+    wait_until(lambda: server.stats()["clients"] == n, 5, what=f"{n} open control clients",
+               detail=server.stats)
 
 
 def test_idle_clients_do_not_delay_a_request_and_are_closed_by_their_deadline(
     server: ControlServer,
 ) -> None:
     """15 idle clients are open, yet a request is answered at once; each idle one is told and closed."""
-    idle = _idle(server.path, 15)
-    try:
-        _wait(lambda: server.stats()["clients"] == 15)
+    with idle_unix_clients(server.path, 15, timeout=5) as idle:
+        _clients(server, 15)
         began = time.monotonic()
         assert request(server.path, "status", timeout=3) == {"echo": "status"}
         assert time.monotonic() - began < 1.5, "the answer must not wait for the idle clients' deadline"
         for s in idle:
-            reply = json.loads(_read_all(s))
+            reply = json.loads(read_until_closed(s))
             assert reply["ok"] is False and "no request within" in reply["error"], reply
-        _wait(lambda: server.stats()["clients"] == 0)
+        _clients(server, 0)
         assert server.stats()["timed_out"] == 15
-    finally:
-        for s in idle:
-            s.close()
 
 
 def test_connections_over_the_limit_get_an_error_line_and_are_counted(server: ControlServer) -> None:
     """With 20 open, the 21st is answered with 'too many control connections' and closed at once."""
-    idle = _idle(server.path, 20)
-    try:
-        _wait(lambda: server.stats()["clients"] == 20)
+    with idle_unix_clients(server.path, 20, timeout=5):
+        _clients(server, 20)
         with pytest.raises(RequestError, match="too many control connections"):
             request(server.path, "status", timeout=0.4)
         assert server.stats()["refused"] == 1
-    finally:
-        for s in idle:
-            s.close()
-    _wait(lambda: server.stats()["clients"] == 0)
+    _clients(server, 0)
     assert request(server.path, "stats") == {"echo": "stats"}
 
 
@@ -110,14 +83,14 @@ def test_bad_requests_and_handler_errors_are_answered_not_fatal(server: ControlS
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(server.path)
         s.sendall(b"not json\n")
-        assert json.loads(_read_all(s))["ok"] is False
+        assert json.loads(read_until_closed(s))["ok"] is False
     with pytest.raises(RequestError, match="refused"):
         request(server.path, "boom")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(server.path)
         s.sendall(b'{"command": "st')
         s.shutdown(socket.SHUT_WR)
-        assert json.loads(_read_all(s))["ok"] is False
+        assert json.loads(read_until_closed(s))["ok"] is False
     assert request(server.path, "status") == {"echo": "status"}
 
 
