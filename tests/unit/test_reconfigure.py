@@ -104,7 +104,9 @@ def snapshot(table: TranslationTable) -> dict[str, Any]:
 
 
 def check_invariants(table: TranslationTable) -> None:
-    """Blocks disjoint per address, in range, sized by tier; flows inside their blocks."""
+    """Blocks disjoint per address, in range, sized by tier; flows inside their blocks;
+    the live-flow count agrees with the maps."""
+    assert table.flow_count() == sum(len(flows) for flows in table.inside.values())
     for addr in table.addresses.values():
         if addr.layout is None:
             continue
