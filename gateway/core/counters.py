@@ -62,6 +62,16 @@ class Counter(IntEnum):
     #: ICMP errors the gateway host itself sent about a translated return packet,
     #: whose quote was put back to the public address and port (``local_out``).
     ICMP_ERROR_LOCAL_OUT = 23
+    #: A new flow a security group (or ``inbound_default``) denies; it takes no port
+    #: (docs/model.md, "Security groups"; per backend and rule in the policy's counts).
+    DROP_SECURITY_DENIED = 24
+    #: A new inbound flow to an LB rule whose members are all down (docs/model.md,
+    #: "Health probes").
+    DROP_NO_HEALTHY_MEMBER = 25
+    #: Flows opened from the outside (LB rules, inbound NAT rules, instance IPs) and
+    #: hairpinned packets.
+    INBOUND_FLOWS_CREATED = 26
+    HAIRPIN_TRANSLATED = 27
 
 
 #: Public counter names, in index order (``snatgw stats``, ``gateway_stopped``, metrics).
