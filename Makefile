@@ -1,7 +1,7 @@
 # snatgw: `make test` and `make demo` are the two commands a newcomer needs (as root).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PKGS := iptables libnetfilter-queue-dev iperf3 iputils-ping tcpdump conntrack netcat-openbsd curl iproute2 build-essential python3-dev linux-libc-dev
+APT_PKGS := iptables libnetfilter-queue-dev iperf3 iputils-ping tcpdump conntrack netcat-openbsd curl iproute2 build-essential python3-dev linux-libc-dev bind9-dnsutils
 STAMP := $(VENV)/.setup-done
 
 .PHONY: setup test unit integration lint demo bench clean lab-up lab-down
