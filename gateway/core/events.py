@@ -196,6 +196,49 @@ class FlowEnded(_FlowEvent):
     bytes_out: int
     packets_in: int
     bytes_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowDenied:
+    """A new flow a security group (or ``inbound_default``) denied (docs/model.md,
+    "Security groups"); at most one per backend and rule per minute. ``rule`` is
+    the denying rule ("inbound_default" with ``group`` "" when no group covers the
+    backend), ``remote`` and ``port`` the far side's address and the backend's
+    port for inbound, the destination and its port for outbound."""
+
+    name: ClassVar[str] = "flow_denied"
+    level: ClassVar[str] = "warning"
+
+    backend: str
+    group: str
+    rule: str
+    direction: str
+    protocol: str
+    remote: str
+    port: int
+    #: Denials of this backend and rule not logged since the last event.
+    suppressed: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboundNotOpened:
+    """Once at start: an inbound path that no security rule (nor ``inbound_default``)
+    lets any Internet address use, so it can never deliver (docs/model.md,
+    "Security groups"). ``kind`` is "lb_rule", "inbound_nat_rule", "instance_ip"
+    or "endpoint"; ``rule_name`` (logged as ``name``) the rule's name (the
+    public address for an instance IP); ``port`` the backend port (0 for an
+    instance IP: no port of it is open)."""
+
+    name: ClassVar[str] = "inbound_not_opened"
+    level: ClassVar[str] = "warning"
+
+    kind: str
+    rule_name: str
+    backend: str
+    port: int
+    protocol: str
+
+
 Event = (
     SnatPortExhausted
     | SnatPortsHighWater
@@ -205,6 +248,8 @@ Event = (
     | PortBlockEvent
     | FlowCreated
     | FlowEnded
+    | FlowDenied
+    | InboundNotOpened
 )
 
 
@@ -213,6 +258,8 @@ def fields(event: Event) -> dict[str, Any]:
     out = asdict(event)
     if "address_name" in out:
         out["name"] = out.pop("address_name")
+    if "rule_name" in out:
+        out["name"] = out.pop("rule_name")
     if isinstance(event, PortsReclaimed | PortBlockResized | PortBlockReleased):
         out["reason"] = str(event.reason)
     return out
