@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.lab import layout
 from gateway.lab.netns import LabError, ns_popen, ns_run
 from gateway.lab.procs import ProcessSet, close_pipes, poll_until, stop_process, wait_until
 
@@ -109,6 +110,38 @@ def ping(
     argv += ["-W", f"{wait:g}", "-I", src, dst]
     timeout = count * (interval or 1.0) + wait + 10
     return ns_run(ns, argv, check=False, timeout=timeout)
+
+
+def as_backend(src: str, extra_backends: Sequence[str] = ()) -> list[str]:
+    """argv prefix that runs a command as backend ``src``'s uid in the backend namespace, so
+    its unbound sockets leave from ``src`` (the lab routes each such uid by its own table;
+    for clients with no bind option, such as nslookup)."""
+    uid = layout.backend_uid(src, extra_backends)
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+def nslookup(
+    ns: str, src: str, server: str, name: str = layout.MYIP_NAME, *,
+    extra_backends: Sequence[str] = (), timeout: float = 3,
+) -> subprocess.CompletedProcess[bytes]:
+    """``nslookup NAME SERVER`` from backend ``src`` (one try, ``timeout`` s; never raises),
+    the article's way of asking which public address a VM leaves with."""
+    argv = [*as_backend(src, extra_backends), "nslookup", f"-timeout={timeout:g}", "-retry=1",
+            name, server]
+    return ns_run(ns, argv, check=False, timeout=timeout * 3 + 10)
+
+
+def nslookup_addresses(text: str) -> list[str]:
+    """The addresses an nslookup answer gives for the name (not the server's own lines,
+    which come before ``Name:`` and carry ``#port``)."""
+    out: list[str] = []
+    named = False
+    for line in text.splitlines():
+        if line.startswith("Name:"):
+            named = True
+        elif named and (m := re.fullmatch(r"Address:\s*(\d+\.\d+\.\d+\.\d+)\s*", line)):
+            out.append(m.group(1))
+    return out
 
 
 def iperf3_server(bind: str, port: int, *, one_off: bool = False) -> list[str]:

@@ -27,6 +27,19 @@ INSTANCE_PUBLIC = "198.51.100.20"
 DEFAULT_SNAT = ("198.51.100.30", "198.51.100.31")
 WHOAMI_HTTP_PORT = 80
 WHOAMI_UDP_PORT = 5000
+#: The myip DNS responder (gateway.lab.dns) beside whoami: ``nslookup myip.opendns.com SERVER``.
+DNS_PORT = 53
+MYIP_NAME = "myip.opendns.com"
+#: Inbound member listeners (gateway.lab.inbound): the lab.toml lb_rule's backend port.
+MEMBER_PORT = 8080
+
+# A client run as uid BACKEND_UID_BASE + i (see clients.as_backend) leaves from the i-th
+# backend address: a policy rule per uid picks a routing table whose routes carry that
+# source, because nslookup (unlike curl --interface or ping -I) cannot bind an address.
+# Covers the first ROUTED_BACKENDS addresses of backend_addresses().
+BACKEND_UID_BASE = 64000
+BACKEND_TABLE_BASE = 1000
+ROUTED_BACKENDS = 32
 
 # Interface names inside the namespaces; identical in every lab (they live in different
 # namespaces, so they never clash).
@@ -45,6 +58,7 @@ EXTRA_MAX = (256 - EXTRA_BASE_THIRD_OCTET) * EXTRA_PER_OCTET
 
 _PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")
 WHOAMI_MODULE = "gateway.lab.whoami"
+DNS_MODULE = "gateway.lab.dns"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,24 @@ def whoami_log_path(prefix: str = "snatgw") -> Path:
 def whoami_pid_path(prefix: str = "snatgw") -> Path:
     """Pid file written by the daemonised whoami once its sockets are bound."""
     return state_dir(prefix) / "whoami.pid"
+
+
+def dns_log_path(prefix: str = "snatgw") -> Path:
+    """JSON-lines log of every query the myip DNS responder answered."""
+    return state_dir(prefix) / "dns.log"
+
+
+def dns_pid_path(prefix: str = "snatgw") -> Path:
+    """Pid file written by the daemonised DNS responder once its sockets are bound."""
+    return state_dir(prefix) / "dns.pid"
+
+
+def backend_uid(addr: str, extra_backends: Sequence[str] = ()) -> int:
+    """The uid whose unbound sockets leave from backend ``addr`` (see ROUTED_BACKENDS)."""
+    addrs = backend_addresses(extra_backends)[:ROUTED_BACKENDS]
+    if addr not in addrs:
+        raise ValueError(f"{addr} is not one of the lab's first {ROUTED_BACKENDS} backends")
+    return BACKEND_UID_BASE + addrs.index(addr)
 
 
 def extra_backend_addresses(count: int) -> tuple[str, ...]:

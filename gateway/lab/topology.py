@@ -17,8 +17,11 @@ is ever attached to the host's own interfaces and several labs can exist side by
   with a private source is never answered, which makes leaks fail loudly instead of
   silently "working".
 
-The whoami echo service (``gateway.lab.whoami``) runs daemonised in ``inet``; its pid file
-and JSON log live in :func:`gateway.lab.layout.state_dir`.  Addresses and names are in
+The whoami echo service (``gateway.lab.whoami``) and the myip DNS responder
+(``gateway.lab.dns``, port 53) run daemonised in ``inet``; their pid files and JSON logs
+live in :func:`gateway.lab.layout.state_dir`.  In ``be``, a policy rule per uid (see
+``layout.BACKEND_UID_BASE``) lets a client that cannot bind an address, such as nslookup,
+leave from a chosen backend address (:func:`gateway.lab.clients.as_backend`).  Addresses and names are in
 :mod:`gateway.lab.layout`; this module changes the system (root).
 """
 
@@ -34,7 +37,11 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 
 from gateway.lab.layout import (
+    BACKEND_TABLE_BASE,
+    BACKEND_UID_BASE,
     BE_IF,
+    DNS_MODULE,
+    DNS_PORT,
     GW_IN_IF,
     GW_OUT_IF,
     INET_IF,
@@ -42,6 +49,7 @@ from gateway.lab.layout import (
     INSIDE_PREFIXLEN,
     OUTSIDE_GW,
     OUTSIDE_PREFIXLEN,
+    ROUTED_BACKENDS,
     SERVER,
     SERVER2,
     STATE_ROOT,
@@ -51,6 +59,8 @@ from gateway.lab.layout import (
     LabNames,
     backend_addresses,
     check_prefix,
+    dns_log_path,
+    dns_pid_path,
     names,
     state_dir,
     whoami_log_path,
@@ -86,6 +96,7 @@ def lab_up(
         sdir.mkdir(parents=True, exist_ok=True)
         if whoami:
             _start_whoami(lab)
+            _start_dns(lab)
     except BaseException:
         lab_down(prefix)
         raise
@@ -93,7 +104,8 @@ def lab_up(
 
 
 def lab_down(prefix: str = "snatgw") -> None:
-    """Stop the lab's whoami (by its pid file) and delete its three namespaces; idempotent.
+    """Stop the lab's whoami and DNS responder (by their pid files) and delete its three
+    namespaces; idempotent.
 
     Other processes still inside the namespaces are not ours to kill: they are reported on
     stderr, and the namespaces' names are removed anyway (their interfaces then go away
@@ -101,7 +113,8 @@ def lab_down(prefix: str = "snatgw") -> None:
     """
     _require_root()
     lab = names(prefix)
-    _stop_whoami(prefix)
+    _stop_daemon(WHOAMI_MODULE, whoami_pid_path(prefix))
+    _stop_daemon(DNS_MODULE, dns_pid_path(prefix))
     existing = set(list_netns())
     for ns in (lab.be, lab.gw, lab.inet):
         if ns not in existing:
@@ -245,6 +258,7 @@ def _build(lab: LabNames, addrs: Sequence[str], mtu: int) -> None:
             be.addr("add", index=idx, address=a, prefixlen=INSIDE_PREFIXLEN)
         be.link("set", index=idx, state="up")
         be.route("add", dst="0.0.0.0/0", gateway=INSIDE_GW, oif=idx)
+    _backend_uid_routes(lab.be, addrs[:ROUTED_BACKENDS])
 
     with NetNS(lab.inet) as inet:
         _lo_up(inet)
@@ -254,6 +268,21 @@ def _build(lab: LabNames, addrs: Sequence[str], mtu: int) -> None:
         inet.addr("add", index=idx, address=SERVER2, prefixlen=OUTSIDE_PREFIXLEN)
         inet.link("set", index=idx, state="up")
         # Deliberately no default route and no route to 10.0.0.0/8.
+
+
+def _backend_uid_routes(ns: str, addrs: Sequence[str]) -> None:
+    """uid BACKEND_UID_BASE+i routes by table BACKEND_TABLE_BASE+i, whose routes carry
+    source ``addrs[i]``: an unbound socket of that uid leaves from that backend address."""
+    inside = f"{INSIDE_GW.rsplit('.', 2)[0]}.0.0/{INSIDE_PREFIXLEN}"
+    cmds = []
+    for i, addr in enumerate(addrs):
+        uid, table = BACKEND_UID_BASE + i, BACKEND_TABLE_BASE + i
+        cmds += [
+            f"route add {inside} dev {BE_IF} src {addr} table {table}",
+            f"route add default via {INSIDE_GW} dev {BE_IF} src {addr} table {table}",
+            f"rule add uidrange {uid}-{uid} lookup {table} pref {table}",
+        ]
+    ns_run(ns, ["ip", "-batch", "-"], input=("\n".join(cmds) + "\n").encode(), timeout=15)
 
 
 def _lo_up(ipr: NetNS) -> None:
@@ -267,43 +296,40 @@ def _index(ipr: NetNS, ifname: str) -> int:
     return int(found[0])
 
 
-# --------------------------------------------------------------------------- whoami
+# --------------------------------------------------------------------------- servers
 
 
 def _start_whoami(lab: LabNames) -> None:
-    pid_path = whoami_pid_path(lab.prefix)
-    log_path = whoami_log_path(lab.prefix)
-    err_path = state_dir(lab.prefix) / "whoami.stderr"
+    _start_daemon(lab, "whoami", WHOAMI_MODULE, whoami_pid_path(lab.prefix),
+                  whoami_log_path(lab.prefix),
+                  ["--http-port", str(WHOAMI_HTTP_PORT), "--udp-port", str(WHOAMI_UDP_PORT)])
+
+
+def _start_dns(lab: LabNames) -> None:
+    _start_daemon(lab, "dns", DNS_MODULE, dns_pid_path(lab.prefix), dns_log_path(lab.prefix),
+                  ["--port", str(DNS_PORT)])
+
+
+def _start_daemon(
+    lab: LabNames, what: str, module: str, pid_path: Path, log_path: Path, args: Sequence[str]
+) -> None:
+    """Start one of the lab's servers daemonised in ``inet``; it returns only once its
+    sockets are bound and its pid file is written (``--daemon``)."""
+    err_path = state_dir(lab.prefix) / f"{what}.stderr"
     pid_path.unlink(missing_ok=True)
     log_path.write_bytes(b"")
-    argv = [
-        sys.executable,
-        "-m",
-        WHOAMI_MODULE,
-        "--http-port",
-        str(WHOAMI_HTTP_PORT),
-        "--udp-port",
-        str(WHOAMI_UDP_PORT),
-        "--log",
-        str(log_path),
-        "--pid-file",
-        str(pid_path),
-        "--stderr",
-        str(err_path),
-        "--daemon",
-    ]
-    # --daemon returns only once the sockets are bound and the pid file is written.
+    argv = [sys.executable, "-m", module, *args, "--log", str(log_path),
+            "--pid-file", str(pid_path), "--stderr", str(err_path), "--daemon"]
     res = ns_run(lab.inet, argv, check=False, timeout=15)
     if res.returncode != 0 or not pid_path.exists():
         detail = res.stderr.decode(errors="replace").strip()
         if err_path.exists():
             detail += "\n" + err_path.read_text(errors="replace")[-2000:]
-        raise LabError(f"whoami did not start in {lab.inet} (rc {res.returncode}): {detail}")
+        raise LabError(f"{what} did not start in {lab.inet} (rc {res.returncode}): {detail}")
 
 
-def _whoami_pid(prefix: str) -> int | None:
-    """The whoami pid from the pid file, only if that process really is this lab's whoami."""
-    pid_path = whoami_pid_path(prefix)
+def _daemon_pid(module: str, pid_path: Path) -> int | None:
+    """The pid from ``pid_path``, only if that process really is ``module`` run with it."""
     try:
         pid = int(pid_path.read_text().strip())
     except (OSError, ValueError):
@@ -312,17 +338,17 @@ def _whoami_pid(prefix: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    if WHOAMI_MODULE.encode() not in cmdline or str(pid_path).encode() not in cmdline:
+    if module.encode() not in cmdline or str(pid_path).encode() not in cmdline:
         return None  # pid reused by an unrelated process: not ours to signal
     return pid
 
 
-def _stop_whoami(prefix: str) -> None:
-    pid = _whoami_pid(prefix)
+def _stop_daemon(module: str, pid_path: Path) -> None:
+    pid = _daemon_pid(module, pid_path)
     if pid is None:
         return
     stop_daemon(pid)
-    whoami_pid_path(prefix).unlink(missing_ok=True)
+    pid_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -16,6 +16,11 @@ assert on what actually reached the internet:
 
 Log line: ``{"proto": "tcp"|"udp", "src": ip, "sport": n, "dst": ip, "dport": n, "ts": t}``.
 
+``--show-local`` makes every answer ``<src_ip>:<src_port> at <local_ip>:<local_port>``: the
+lab's inbound member listeners (:mod:`gateway.lab.inbound`) run whoami that way in the
+backend namespace, one process per member address, so a client of a load-balanced port
+sees which member answered and what source that member saw.
+
 Run: ``python -m gateway.lab.whoami --http-port 80 --udp-port 5000 --log FILE``; the lab
 adds ``--daemon --pid-file P``, which returns once the sockets are bound.
 """
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import IO
 
 IP_PKTINFO = int(getattr(socket, "IP_PKTINFO", 8))  # Linux value; Python 3.11 lacks the name
-_PKTINFO = struct.Struct("@I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+PKTINFO = struct.Struct("@I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 
 MAX_PUSH_PER_PEER = 10
 MAX_PUSH_TOTAL = 10_000
@@ -50,9 +55,13 @@ UDP_MAX_DATAGRAM = 65535
 UDP_BATCH = 256  # datagrams handled per readiness callback before yielding to the loop
 
 
-def peer_text(ip: str, port: int) -> bytes:
-    """The answer body: the peer as this host sees it."""
-    return f"{ip}:{port}\n".encode()
+def peer_text(ip: str, port: int, local: tuple[str, int] | None = None) -> bytes:
+    """The answer body: the peer as this host sees it; with ``local`` (``--show-local``)
+    also the address and port that answered, ``"ip:port at lip:lport"``, so a client of
+    a load-balanced port can tell which member it reached."""
+    if local is None:
+        return f"{ip}:{port}\n".encode()
+    return f"{ip}:{port} at {local[0]}:{local[1]}\n".encode()
 
 
 def parse_push(data: bytes) -> float | None:
@@ -74,9 +83,11 @@ def parse_push(data: bytes) -> float | None:
     return min(max(delay, 0.0), MAX_PUSH_DELAY)
 
 
-def http_response(request: bytes, ip: str, port: int) -> bytes:
+def http_response(
+    request: bytes, ip: str, port: int, local: tuple[str, int] | None = None
+) -> bytes:
     """A complete HTTP/1.0 response for ``request`` (GET/HEAD: 200, anything else: 400)."""
-    body = peer_text(ip, port)
+    body = peer_text(ip, port, local)
     method = request.split(b" ", 1)[0] if request else b""
     status = "200 OK" if method in (b"GET", b"HEAD") else "400 Bad Request"
     head = (
@@ -86,6 +97,26 @@ def http_response(request: bytes, ip: str, port: int) -> bytes:
         "Connection: close\r\n\r\n"
     ).encode()
     return head if method == b"HEAD" else head + body
+
+
+def pktinfo_local(anc: list[tuple[int, int, bytes]]) -> bytes | None:
+    """The local address a datagram was sent to, from its IP_PKTINFO ancillary data."""
+    for level, kind, payload in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= PKTINFO.size:
+            _ifindex, _spec, addr = PKTINFO.unpack_from(payload)
+            return bytes(addr)
+    return None
+
+
+def send_from(sock: socket.socket, payload: bytes, addr: tuple[str, int], local: bytes | None) -> None:
+    """Send ``payload`` to ``addr`` from the local address ``local`` (the one the peer asked),
+    so that a peer with a connected socket, or a NAT checking the remote endpoint, accepts it."""
+    anc = []
+    if local is not None:
+        anc = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, local, b"\0\0\0\0"))]
+    # A full socket buffer or an unreachable peer loses this reply only (UDP semantics).
+    with contextlib.suppress(OSError):
+        sock.sendmsg([payload], anc, 0, addr)
 
 
 @dataclass(slots=True)
@@ -123,6 +154,7 @@ class UdpEcho:
     sock: socket.socket
     log: PeerLog
     loop: asyncio.AbstractEventLoop
+    show_local: bool = False
     pending: dict[tuple[str, int], int] = field(default_factory=dict)
     pending_total: int = 0
 
@@ -136,36 +168,24 @@ class UdpEcho:
         for _ in range(UDP_BATCH):
             try:
                 data, anc, _flags, addr = self.sock.recvmsg(
-                    UDP_MAX_DATAGRAM, socket.CMSG_SPACE(_PKTINFO.size)
+                    UDP_MAX_DATAGRAM, socket.CMSG_SPACE(PKTINFO.size)
                 )
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # e.g. a queued ICMP error: nothing to answer
             src, sport = addr[0], int(addr[1])
-            local = self._local_addr(anc)
+            local = pktinfo_local(anc)
             dst = socket.inet_ntoa(local) if local else self.sock.getsockname()[0]
-            self.log.write("udp", src, sport, dst, self.sock.getsockname()[1])
-            self._send(peer_text(src, sport), addr, local)
+            dport = int(self.sock.getsockname()[1])
+            self.log.write("udp", src, sport, dst, dport)
+            self._send(peer_text(src, sport, (dst, dport) if self.show_local else None), addr, local)
             delay = parse_push(data)
             if delay is not None:
                 self._schedule_push(delay, (src, sport), local)
 
-    @staticmethod
-    def _local_addr(anc: list[tuple[int, int, bytes]]) -> bytes | None:
-        for level, kind, payload in anc:
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= _PKTINFO.size:
-                _ifindex, _spec, addr = _PKTINFO.unpack_from(payload)
-                return bytes(addr)
-        return None
-
     def _send(self, payload: bytes, addr: tuple[str, int], local: bytes | None) -> None:
-        anc = []
-        if local is not None:
-            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, local, b"\0\0\0\0"))]
-        # A full socket buffer or an unreachable peer loses this reply only (UDP semantics).
-        with contextlib.suppress(OSError):
-            self.sock.sendmsg([payload], anc, 0, addr)
+        send_from(self.sock, payload, addr, local)
 
     def _schedule_push(self, delay: float, peer: tuple[str, int], local: bytes | None) -> None:
         if self.pending.get(peer, 0) >= MAX_PUSH_PER_PEER or self.pending_total >= MAX_PUSH_TOTAL:
@@ -185,7 +205,7 @@ class UdpEcho:
 
 
 def make_http_handler(
-    log: PeerLog,
+    log: PeerLog, show_local: bool = False
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """The per-connection coroutine for asyncio.start_server."""
 
@@ -196,7 +216,8 @@ def make_http_handler(
             if not peer or not local:
                 return
             src, sport = str(peer[0]), int(peer[1])
-            log.write("tcp", src, sport, str(local[0]), int(local[1]))
+            here = (str(local[0]), int(local[1]))
+            log.write("tcp", src, sport, *here)
             try:
                 request = await asyncio.wait_for(
                     reader.readuntil(b"\r\n\r\n"), timeout=HTTP_READ_TIMEOUT
@@ -207,7 +228,7 @@ def make_http_handler(
                     return  # connect-and-close: logged, nothing to answer
             except (TimeoutError, asyncio.LimitOverrunError, OSError):
                 request = b""
-            writer.write(http_response(request, src, sport))
+            writer.write(http_response(request, src, sport, here if show_local else None))
             await asyncio.wait_for(writer.drain(), timeout=HTTP_READ_TIMEOUT)
         except (TimeoutError, OSError):
             pass
@@ -236,14 +257,18 @@ def bind_sockets(bind: str, http_port: int, udp_port: int) -> tuple[socket.socke
     return tcp, udp
 
 
-async def serve(tcp: socket.socket, udp: socket.socket, log: PeerLog) -> None:
+async def serve(
+    tcp: socket.socket, udp: socket.socket, log: PeerLog, show_local: bool = False
+) -> None:
     """Serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await asyncio.start_server(make_http_handler(log), sock=tcp, limit=HTTP_MAX_REQUEST)
-    echo = UdpEcho(udp, log, loop)
+    server = await asyncio.start_server(
+        make_http_handler(log, show_local), sock=tcp, limit=HTTP_MAX_REQUEST
+    )
+    echo = UdpEcho(udp, log, loop, show_local)
     echo.start()
     try:
         await stop.wait()
@@ -252,7 +277,7 @@ async def serve(tcp: socket.socket, udp: socket.socket, log: PeerLog) -> None:
         server.close()
 
 
-def _daemonize(stderr_path: str | None) -> int:
+def daemonize(stderr_path: str | None) -> int:
     """Classic double fork; returns the write end of a pipe the ready signal goes to.
 
     The original process waits (bounded) for that signal and exits 0 only then, so the
@@ -281,7 +306,7 @@ def _daemonize(stderr_path: str | None) -> int:
     return w
 
 
-def _write_pid(path: str) -> None:
+def write_pid(path: str) -> None:
     tmp = f"{path}.tmp"
     Path(tmp).write_text(f"{os.getpid()}\n")
     os.replace(tmp, path)
@@ -296,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pid-file", default=None)
     p.add_argument("--stderr", default=None, help="with --daemon: where stderr goes")
     p.add_argument("--daemon", action="store_true", help="detach once listening")
+    p.add_argument("--show-local", action="store_true",
+                   help="answer 'ip:port at local_ip:local_port' (an inbound member listener)")
     args = p.parse_args(argv)
 
     try:
@@ -303,16 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"whoami: cannot bind: {exc}", file=sys.stderr)
         return 1
-    ready_fd = _daemonize(args.stderr) if args.daemon else None
+    ready_fd = daemonize(args.stderr) if args.daemon else None
     log = PeerLog(Path(args.log) if args.log else None)
     log.open()
     if args.pid_file:
-        _write_pid(args.pid_file)
+        write_pid(args.pid_file)
     if ready_fd is not None:
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
     try:
-        asyncio.run(serve(tcp, udp, log))
+        asyncio.run(serve(tcp, udp, log, args.show_local))
     finally:
         log.close()
         if args.pid_file:
