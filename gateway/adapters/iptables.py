@@ -10,19 +10,24 @@ is one commit, so there is never a moment with half a rule set or none
 
 What the rules do:
 - raw PREROUTING: no conntrack for forwarded inside traffic and for traffic
-  to the public addresses (the kernel must not track tuples we rewrite); one
+  to the public addresses, from the outside and (hairpin) from the inside
+  (the kernel must not track tuples we rewrite); one
   ``-m socket`` rule that never matches (``-i lo``) but makes the kernel
   reassemble IPv4 fragments in this namespace without conntrack
   (docs/kernel.md, "Fragments");
 - mangle PREROUTING: mark forwarded inside traffic; queue traffic arriving
-  on the outside for a public address (return traffic, rewritten before the
-  routing decision);
+  on the outside for a public address (return traffic and new inbound flows,
+  rewritten before the routing decision); mark traffic arriving on the
+  *inside* for a public address with ``Mark.HAIRPIN`` and queue it (hairpin:
+  the mark is how the loop tells it from out2in, docs/kernel.md "Hairpin");
 - mangle POSTROUTING: queue marked inside traffic leaving on the outside,
   then the **guard**: marked inside traffic that reaches the end of our rules
   unqueued is dropped. A queued packet that comes back accepted continues at
   the next hook, so it never meets the guard;
 - mangle OUTPUT: queue the ICMP errors the gateway host itself sends on the
-  outside (they may quote a translated return packet: ``local_out``);
+  outside (they may quote a translated return packet: ``local_out``) and,
+  with health probes configured, the TCP SYNs the host sends on the inside
+  (probes: ``local_out`` holds them to the backend's inbound security rules);
 - filter FORWARD: from the outside to the inside only packets the gateway
   translated (it marks them) pass.
 
@@ -68,12 +73,16 @@ def ruleset(
     tcp_queue: int | None = None,
     *,
     translate: bool = True,
+    probes: bool = False,
     existing: Iterable[tuple[str, str, str]] = (),
 ) -> str:
     """The ``iptables-restore --noflush`` input that puts one gateway's rules in place.
 
     With ``tcp_queue`` TCP goes to that queue (the GSO one) and everything
-    else to ``queue``. Without ``translate`` only the guard is left (nothing
+    else to ``queue``. With ``probes`` the TCP SYNs the host sends on the
+    inside are queued too, on ``queue`` (the plain queue: the kernel
+    completes a local packet's checksum there, and a SYN is never GSO).
+    Without ``translate`` only the guard is left (nothing
     is queued, inside traffic to the outside is dropped). ``existing`` lists
     the jumps into our chains present now (one entry per rule, as
     :func:`jumps_present` reads them): they are deleted in the same commit
@@ -82,6 +91,7 @@ def ruleset(
     pubs = [str(ipaddress.IPv4Address(p)) for p in publics] if translate else []
     m_in = f"0x{Mark.INSIDE:x}/0x{Mark.INSIDE:x}"
     m_tr = f"0x{Mark.TRANSLATED:x}/0x{Mark.TRANSLATED:x}"
+    m_hp = f"0x{Mark.HAIRPIN:x}/0x{Mark.HAIRPIN:x}"
     q = f"-j NFQUEUE --queue-num {queue}"
     qt = f"-p tcp -j NFQUEUE --queue-num {tcp_queue}"
     fwd_inside = f"-i {inside} -m addrtype ! --dst-type LOCAL"
@@ -90,18 +100,27 @@ def ruleset(
     if translate:
         raw.append(f"-A SNATGW-PRE {fwd_inside} -j CT --notrack")
         raw += [f"-A SNATGW-PRE -i {outside} -d {p}/32 -j CT --notrack" for p in pubs]
+        raw += [f"-A SNATGW-PRE -i {inside} -d {p}/32 -j CT --notrack" for p in pubs]
         raw.append("-A SNATGW-PRE -i lo -m socket -j RETURN")
     mangle.append(f"-A SNATGW-PRE {fwd_inside} -j MARK --set-xmark {m_in}")
     for p in pubs:
         if tcp_queue is not None:
             mangle.append(f"-A SNATGW-PRE -i {outside} -d {p}/32 {qt}")
         mangle.append(f"-A SNATGW-PRE -i {outside} -d {p}/32 {q}")
+    for p in pubs:
+        # Hairpin: the mark first (the loop reads it off the queued packet), then the queue.
+        mangle.append(f"-A SNATGW-PRE -i {inside} -d {p}/32 -j MARK --set-xmark {m_hp}")
+        if tcp_queue is not None:
+            mangle.append(f"-A SNATGW-PRE -i {inside} -d {p}/32 {qt}")
+        mangle.append(f"-A SNATGW-PRE -i {inside} -d {p}/32 {q}")
     if translate:
         if tcp_queue is not None:
             mangle.append(f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {qt}")
         mangle.append(f"-A SNATGW-POST -o {outside} -m mark --mark {m_in} {q}")
         icmp = f"-A SNATGW-OUT -o {outside} -p icmp -m icmp --icmp-type"
         mangle += [f"{icmp} {t} {q}" for t in LOCAL_ICMP_ERRORS]
+        if probes:
+            mangle.append(f"-A SNATGW-OUT -o {inside} -p tcp -m tcp --syn {q}")
     mangle.append(f"-A SNATGW-GUARD -o {outside} -m mark --mark {m_in} -j DROP")
     filt.append(f"-A SNATGW-FWD -i {outside} -o {inside} -m mark ! --mark {m_tr} -j DROP")
     have = list(existing)
@@ -157,6 +176,7 @@ def apply(
     tcp_queue: int | None = None,
     *,
     translate: bool = True,
+    probes: bool = False,
 ) -> int:
     """Put the rules in place in one ``iptables-restore`` (start, reload, stop to the guard).
 
@@ -167,7 +187,9 @@ def apply(
     RuntimeError on failure, leaving the old rules as they were.
     """
     existing = jumps_present()
-    text = ruleset(inside, outside, queue, publics, tcp_queue, translate=translate, existing=existing)
+    text = ruleset(
+        inside, outside, queue, publics, tcp_queue, translate=translate, probes=probes, existing=existing
+    )
     res = _run(["iptables-restore", "--noflush", "-w"], text)
     if res.returncode != 0:
         raise RuntimeError(f"iptables-restore failed: {res.stderr.strip()}")
@@ -175,17 +197,29 @@ def apply(
 
 
 def install(
-    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+    inside: str,
+    outside: str,
+    queue: int,
+    publics: Iterable[int],
+    tcp_queue: int | None = None,
+    *,
+    probes: bool = False,
 ) -> None:
     """Install the rules over whatever a previous run left, atomically; raise RuntimeError on failure."""
-    apply(inside, outside, queue, publics, tcp_queue)
+    apply(inside, outside, queue, publics, tcp_queue, probes=probes)
 
 
 def replace(
-    inside: str, outside: str, queue: int, publics: Iterable[int], tcp_queue: int | None = None
+    inside: str,
+    outside: str,
+    queue: int,
+    publics: Iterable[int],
+    tcp_queue: int | None = None,
+    *,
+    probes: bool = False,
 ) -> int:
     """Swap the rules for a new set (a reload); returns how many jumps had to be restored."""
-    return apply(inside, outside, queue, publics, tcp_queue)
+    return apply(inside, outside, queue, publics, tcp_queue, probes=probes)
 
 
 def guard(inside: str, outside: str) -> bool:

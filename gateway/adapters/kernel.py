@@ -23,6 +23,10 @@ class Hook(IntEnum):
     FORWARD = 2
     LOCAL_OUT = 3
     POST_ROUTING = 4
+    #: Not a kernel hook: what the queue clients report for a PREROUTING packet
+    #: that carries :attr:`Mark.HAIRPIN` (from the inside to a public address,
+    #: docs/kernel.md "Hairpin"). Above any u8 hook number, so it never collides.
+    PRE_ROUTING_HAIRPIN = 0x100
 
 
 class Mark(IntEnum):
@@ -34,6 +38,10 @@ class Mark(IntEnum):
     #: Set in mangle PREROUTING on forwarded inside traffic; only these are
     #: queued for in2out in POSTROUTING.
     INSIDE = 0x20000000
+    #: Set in mangle PREROUTING, just before the queue rule, on packets from the
+    #: inside to one of the gateway's public addresses: the loop hands them to
+    #: ``hairpin`` instead of ``out2in`` (docs/kernel.md, "Hairpin").
+    HAIRPIN = 0x40000000
 
 
 class SkbInfo(IntFlag):

@@ -15,7 +15,11 @@ Two queue clients, chosen by ``gateway.queue_client``:
 
 Either direction arrives on the same queue; the netfilter hook tells them
 apart (POSTROUTING: in2out, PREROUTING: out2in, LOCAL_OUT: an ICMP error the
-host itself sends on the outside, ``local_out``). The loop sleeps in
+host itself sends on the outside or a probe SYN toward the inside,
+``local_out``). A PREROUTING packet from the inside to a public address
+carries ``Mark.HAIRPIN``, set by the rule just before its queue rule; both
+clients report it as ``Hook.PRE_ROUTING_HAIRPIN`` and it goes to ``hairpin``
+(docs/kernel.md, "Hairpin"). The loop sleeps in
 ``select`` until a packet arrives or the core's next timer is due
 (``get_timer`` / ``handle_timer``, as in aioquic), then drains the sockets.
 
@@ -49,6 +53,8 @@ from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, 
 #: Plain ints for the per-packet handler (an IntFlag ``&`` builds a new member each time).
 _POST_ROUTING = int(Hook.POST_ROUTING)
 _LOCAL_OUT = int(Hook.LOCAL_OUT)
+_HAIRPIN = int(Hook.PRE_ROUTING_HAIRPIN)
+_HAIRPIN_MARK = int(Mark.HAIRPIN)
 _CSUMNOTREADY = int(SkbInfo.CSUMNOTREADY)
 _GSO = int(SkbInfo.GSO)
 #: Longest sleep, so that signals and events are handled promptly without traffic.
@@ -121,10 +127,13 @@ class PacketLoop:
         table = self.table
         try:
             buf = bytearray(pkt.get_payload())
-            if pkt.hook == Hook.POST_ROUTING:
+            hook = pkt.hook
+            if hook == _POST_ROUTING:
                 verdict = table.in2out(buf, self.now)
-            elif pkt.hook == Hook.LOCAL_OUT:
+            elif hook == _LOCAL_OUT:
                 verdict = table.local_out(buf, self.now)
+            elif pkt.get_mark() & _HAIRPIN_MARK:
+                verdict = table.hairpin(buf, self.now)
             else:
                 verdict = table.out2in(buf, self.now)
         except Exception:  # a bug in the core must not stop the loop: drop, count
@@ -150,6 +159,8 @@ class PacketLoop:
                 verdict = table.in2out(payload, self.now)
             elif hook == _LOCAL_OUT:
                 verdict = table.local_out(payload, self.now)
+            elif hook == _HAIRPIN:
+                verdict = table.hairpin(payload, self.now)
             else:
                 verdict = table.out2in(payload, self.now)
             if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0
@@ -185,6 +196,26 @@ class PacketLoop:
         if c.error is not None:
             raise c.error
         return c.value
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Have ``fn`` run in the loop between two batches, without waiting for it.
+
+        For results other threads hand to the core (the prober's): the loop
+        runs them in order; what ``fn`` returns is dropped, an exception is
+        counted as ``drop_internal`` (a bug, as in the packet path). Calls
+        posted after the loop stopped are never run.
+        """
+        table = self.table
+
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:
+                table.count_internal_error()
+
+        self._calls.put(_Call(guarded))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
 
     def _run_calls(self) -> None:
         calls = self._calls

@@ -150,7 +150,8 @@ class Message(NamedTuple):
     next_off: int
     #: Packet id for PACKET / TRUNCATED / UNUSABLE, the errno for ERROR, else 0.
     packet_id: int
-    #: Netfilter hook (:class:`gateway.adapters.kernel.Hook`).
+    #: Netfilter hook (:class:`gateway.adapters.kernel.Hook`); 0x100 added when
+    #: the packet carries ``Mark.HAIRPIN``.
     hook: int
     #: NFQA_SKB_INFO flags (:class:`gateway.adapters.kernel.SkbInfo`).
     skbinfo: int
@@ -186,7 +187,12 @@ def parse_message(
     attributes; NFQA_PACKET_HDR (1) = {__be32 packet_id, __be16 hw_protocol,
     u8 hook}, NFQA_PAYLOAD (10) = the packet from its network header,
     NFQA_CAP_LEN (13) = original length when the payload was cut to
-    copy_range, NFQA_SKB_INFO (14) = __be32 flags (only sent when non-zero).
+    copy_range, NFQA_SKB_INFO (14) = __be32 flags (only sent when non-zero),
+    NFQA_MARK (3) = __be32 packet mark (only sent when non-zero). A packet whose
+    mark has ``Mark.HAIRPIN`` (0x40000000) is reported with hook
+    ``Hook.PRE_ROUTING_HAIRPIN`` (0x100 | hook): the handler's signature stays
+    ``(payload, hook, skbinfo)`` and the loop's dispatch one integer compare
+    (docs/kernel.md, "Hairpin").
 
     This is the per-packet path: numbers are literals and the struct methods
     and kinds are bound as defaults (fast local lookups); the trailing
@@ -208,7 +214,7 @@ def parse_message(
         mend = off + mlen
         a = off + 20  # past nlmsghdr + nfgenmsg
         pid = -1
-        hook = info = poff = 0
+        hook = info = poff = hairpin = 0
         plen = cap = -1
         ok = a <= mend
         # a + 4 <= mend implies mlen >= 24, so alen, atype hold the attribute at a
@@ -232,11 +238,15 @@ def parse_message(
                     ok = False
             elif atype == 13 and alen >= 8:  # NFQA_CAP_LEN
                 cap = _be32(buf, a + 4)[0]
+            elif atype == 3 and alen >= 8:  # NFQA_MARK (only sent when the mark is not 0)
+                hairpin = _be32(buf, a + 4)[0] & 0x40000000  # Mark.HAIRPIN
             a += (alen + 3) & -4  # NLA_ALIGN
             if a + 4 <= mend:
                 alen, atype = _nla(buf, a)
         if pid < 0:
             return (_bad, nxt, 0, 0, 0, 0, 0)
+        if hairpin:
+            hook |= 0x100  # Hook.PRE_ROUTING_HAIRPIN (the mark is only set in PREROUTING)
         if not ok or plen <= 0:
             return (_unusable, nxt, pid, hook, info, 0, 0)
         if cap > plen:
