@@ -3,6 +3,8 @@ leave with (docs/model.md, "Scenarios").
 
 Precedence is 1 (instance IP) over 2 (member of a pool an LB rule names) over
 3 (anything else from the inside, on a default SNAT address the gateway picks).
+A frontend's tier counts its members, or ``Frontend.tier_backends`` when that is
+more (a classic cloud service's VIP is tiered by all of the service's instances).
 A pool reachable through several frontends always uses the one with the
 lowest address: arbitrary, as in the model, but stable while the
 configuration does not change.
@@ -38,6 +40,8 @@ class AddressPlan:
     kind: AddressKind
     name: str = ""
     excluded: frozenset[int] = frozenset()
+    #: Count at least this many backends when choosing the tier (``Frontend.tier_backends``).
+    tier_backends: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +67,34 @@ class Plan:
         """Configured backends on ``public_ip``, lowest address first."""
         return sorted(b for b, p in self.placements.items() if p.public_ip == public_ip)
 
+    def tier_count(self, public_ip: int) -> int:
+        """How many backends ``public_ip``'s tier is chosen for: its configured members, or
+        the address's ``tier_backends`` when that is more (docs/model.md, "Preallocation
+        by pool size"; a classic VIP counts every instance of its service)."""
+        ap = self.addresses.get(public_ip)
+        floor = ap.tier_backends if ap is not None else 0
+        return max(len(self.members(public_ip)), floor)
+
 
 def plan(model: GatewayModel) -> Plan:
     """Place every configured backend in its scenario.
 
-    Raises :class:`ModelError` when an address would have more than 1000
-    backends or its blocks do not fit in the port range.
+    Every frontend port an LB rule or an inbound NAT rule holds is kept out of
+    every block on that address, whatever the rule's protocol (a block serves
+    TCP, UDP and ICMP alike). Raises :class:`ModelError` when an address would
+    have more than 1000 backends or its blocks do not fit in the port range.
     """
     excluded: dict[int, set[int]] = {}
     by_name = {f.name: f for f in model.frontends}
-    for rule in model.lb_rules:
-        excluded.setdefault(by_name[rule.frontend].ip, set()).add(rule.frontend_port)
+    held = [(r.frontend, r.frontend_port) for r in model.lb_rules]
+    held += [(r.frontend, r.frontend_port) for r in model.inbound_nat_rules]
+    for name, port in held:
+        excluded.setdefault(by_name[name].ip, set()).add(port)
     addresses: dict[int, AddressPlan] = {}
     for f in model.frontends:
-        addresses[f.ip] = AddressPlan(f.ip, AddressKind.FRONTEND, f.name, frozenset(excluded.get(f.ip, ())))
+        addresses[f.ip] = AddressPlan(
+            f.ip, AddressKind.FRONTEND, f.name, frozenset(excluded.get(f.ip, ())), f.tier_backends
+        )
     for ip in model.default_snat:
         addresses[ip] = AddressPlan(ip, AddressKind.DEFAULT_SNAT)
     placements: dict[int, Placement] = {}
@@ -97,13 +115,15 @@ def plan(model: GatewayModel) -> Plan:
     plan_ = Plan(addresses, placements, list(model.default_snat), chosen)
     for front in model.frontends:
         n = len(plan_.members(front.ip))
+        tier = plan_.tier_count(front.ip)
         key = f"frontends[{front.name}]"
-        if n > MAX_BACKENDS_PER_ADDRESS:
+        if tier > MAX_BACKENDS_PER_ADDRESS:
             raise ModelError(
-                key, f"{n} backends share {ip_str(front.ip)}, at most {MAX_BACKENDS_PER_ADDRESS} are allowed"
+                key,
+                f"{tier} backends share {ip_str(front.ip)}, at most {MAX_BACKENDS_PER_ADDRESS} are allowed",
             )
         room = BlockLayout(1024, addresses[front.ip].excluded).free_chunks() * CHUNK
-        if n and room < n * ports_per_backend(n):
+        if n and room < n * ports_per_backend(tier):
             raise ModelError(key, f"the blocks of {n} backends do not fit in 1024-65535")
     return plan_
 
