@@ -56,7 +56,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 echo "== lab up ($PREFIX)"
-"$SNATGW" lab up --prefix "$PREFIX" | sed -n '1,8p'
+"$SNATGW" lab up --prefix "$PREFIX" | sed -n '1,9p'
 
 echo
 echo "== gateway: ip netns exec $GW $SNATGW run --config $CONFIG (log: $LOG)"
@@ -98,6 +98,41 @@ done <<'EOF'
 EOF
 
 echo
+echo "== nslookup myip.opendns.com $SERVER from each backend (the article's way; the lab's DNS"
+echo "   answers with the address the query came from; nslookup runs as the backend's uid,"
+echo "   which the lab routes from that backend address)"
+printf '%-11s %-40s %s\n' "backend" "scenario" "myip.opendns.com"
+printf '%-11s %-40s %s\n' "-------" "--------" "----------------"
+# The backends above, plus each classic role instance the config names that is a lab backend.
+"$VENV/bin/python" - "$CONFIG" >build/demo-myip.txt <<'PY'
+import sys, tomllib
+from gateway.lab import layout
+print("10.10.1.1|2: pool web -> frontend 198.51.100.10")
+print("10.10.2.1|1: instance IP 198.51.100.20")
+print("10.10.3.1|3: default SNAT 198.51.100.30/.31")
+with open(sys.argv[1], "rb") as fh:
+    cfg = tomllib.load(fh)
+routed = layout.backend_addresses()[: layout.ROUTED_BACKENDS]
+for svc in cfg.get("cloud_services", []):
+    for role in svc.get("roles", []):
+        how = f"VIP {svc['vip']}" if role.get("endpoints") else "default SNAT"
+        for addr in role.get("instances", [])[:1]:
+            if addr in routed:
+                print(f"{addr}|classic {role['kind']} {svc['name']}/{role['name']} -> {how}")
+PY
+while IFS='|' read -r backend scenario; do
+  uid=$("$VENV/bin/python" -c "from gateway.lab.layout import backend_uid; print(backend_uid('$backend'))")
+  if out=$(ip netns exec "$BE" setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+           nslookup -timeout=3 -retry=1 myip.opendns.com "$SERVER" 2>&1); then
+    seen=$(printf '%s\n' "$out" | awk '/^Name:/ {n = 1} n && /^Address/ {print $2}')
+  else
+    seen="FAILED: $(printf '%s' "$out" | tr '\n' ' ')"
+    failed=1
+  fi
+  printf '%-11s %-40s %s\n' "$backend" "$scenario" "$seen"
+done <build/demo-myip.txt
+
+echo
 echo "== ping $SERVER from 10.10.3.1"
 if ! ip netns exec "$BE" ping -n -c 2 -W 2 -I 10.10.3.1 "$SERVER" | tail -n 2; then
   failed=1
@@ -121,6 +156,8 @@ if [ "$KEEP" = 1 ]; then
   curl:     ip netns exec $BE curl --interface 10.10.1.2 http://$SERVER/
   udp:      ip netns exec $BE sh -c 'echo hi | nc -u -w 1 -s 10.10.3.2 $SERVER 5000'
   ping:     ip netns exec $BE ping -c 3 -I 10.10.2.1 $SERVER
+  myip:     ip netns exec $BE setpriv --reuid=64003 --regid=64003 --clear-groups nslookup myip.opendns.com $SERVER
+            (uid 64000+i leaves from the i-th backend: 64000 10.10.1.1 .. 64003 10.10.2.1 .. 64005 10.10.3.2)
   netstat:  ip netns exec $BE ss -tunap        (the backend's view of its flows)
   capture:  ip netns exec $GW tcpdump -n -i out0
   operator: $SNATGW flows | ports | stats | status   (add --json for scripts)

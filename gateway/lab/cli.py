@@ -75,6 +75,10 @@ def summary(lab: t.LabNames, extras: tuple[str, ...] = (), *, whoami: bool = Tru
             f"  whoami           http://{t.SERVER}:{t.WHOAMI_HTTP_PORT}/ and udp "
             f"{t.SERVER}:{t.WHOAMI_UDP_PORT}; log {t.whoami_log_path(lab.prefix)}"
         )
+        lines.append(
+            f"  dns              {t.MYIP_NAME} A -> the asker's address, {t.SERVER}:{t.DNS_PORT} "
+            f"udp/tcp; log {t.dns_log_path(lab.prefix)}"
+        )
     lines += [
         "",
         "run the gateway:",
@@ -82,6 +86,11 @@ def summary(lab: t.LabNames, extras: tuple[str, ...] = (), *, whoami: bool = Tru
         "then from a backend:",
         f"  ip netns exec {lab.be} curl --interface {t.POOL_MEMBERS[0]} http://{t.SERVER}/",
         f"  ip netns exec {lab.be} ping -c 3 -I {t.INSTANCE_BACKEND} {t.SERVER}",
+        f"  ip netns exec {lab.be} setpriv --reuid={t.backend_uid(t.INSTANCE_BACKEND)} "
+        f"--regid={t.backend_uid(t.INSTANCE_BACKEND)} --clear-groups "
+        f"nslookup {t.MYIP_NAME} {t.SERVER}",
+        f"    (uid {t.BACKEND_UID_BASE}+i leaves from the i-th backend above: "
+        f"{t.BACKEND_UID_BASE} is {t.POOL_MEMBERS[0]})",
         f"remove: {down}",
     ]
     return "\n".join(lines)

@@ -122,12 +122,12 @@ def as_backend(src: str, extra_backends: Sequence[str] = ()) -> list[str]:
 
 def nslookup(
     ns: str, src: str, server: str, name: str = layout.MYIP_NAME, *,
-    extra_backends: Sequence[str] = (), timeout: float = 3,
+    options: Sequence[str] = (), extra_backends: Sequence[str] = (), timeout: float = 3,
 ) -> subprocess.CompletedProcess[bytes]:
-    """``nslookup NAME SERVER`` from backend ``src`` (one try, ``timeout`` s; never raises),
-    the article's way of asking which public address a VM leaves with."""
-    argv = [*as_backend(src, extra_backends), "nslookup", f"-timeout={timeout:g}", "-retry=1",
-            name, server]
+    """``nslookup [OPTIONS] NAME SERVER`` from backend ``src`` (``timeout`` s per try; never
+    raises), the article's way of asking which public address a VM leaves with."""
+    argv = [*as_backend(src, extra_backends), "nslookup", *options, f"-timeout={timeout:g}",
+            "-retry=1", name, server]
     return ns_run(ns, argv, check=False, timeout=timeout * 3 + 10)
 
 
