@@ -179,10 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway import show
 
     views: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
-        ("flows", "live translations, like conntrack -L", show.flows),
+        ("flows", "live translations, like conntrack -L, with direction and admitting rule", show.flows),
         ("ports", "SNAT ports per backend: block, in use, peak, top destinations, exhaustion", show.ports),
+        ("rules", "each backend's effective security rules, defaults included, with hit counts", show.rules),
         ("stats", "packet, drop and flow counters", show.stats),
-        ("status", "config, uptime, queue, public addresses and pools with their tier", show.status),
+        ("status", "config, uptime, queue, public addresses, pools with their tier, probe health",
+         show.status),
         ("reload", "re-read the config file (as SIGHUP does) and say what changed", show.reload),
     )
     for name, text, render in views:
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"control socket (default: $SNATGW_SOCKET or {DEFAULT_CONTROL_SOCKET})",
         )
         v.add_argument("--json", action="store_true", help="print the gateway's answer as JSON")
-        if name in ("flows", "ports"):
+        if name in ("flows", "ports", "rules"):
             v.add_argument("--backend", metavar="IP", help="only this backend")
         if name == "flows":
             v.add_argument("--proto", choices=("tcp", "udp", "icmp"), help="only this protocol")

@@ -1,4 +1,4 @@
-"""Readable tables for ``snatgw flows|ports|stats|status|reload`` (the
+"""Readable tables for ``snatgw flows|ports|rules|stats|status|reload`` (the
 ``--json`` forms print the control socket's answer as it is).
 
 Column layouts follow ``ss -tn`` and ``conntrack -L``: one line per flow or
@@ -36,6 +36,8 @@ def flows(rows: list[dict[str, Any]]) -> str:
             f"{r['public_ip']}:{r['public_port']}",
             f"{r['remote']}:{r['remote_port']}",
             r["scenario"],
+            r.get("direction", "out"),
+            r.get("rule") or "-",
             r["state"],
             _secs(r["age"]),
             _secs(r["idle"]),
@@ -52,6 +54,8 @@ def flows(rows: list[dict[str, Any]]) -> str:
         "PUBLIC",
         "REMOTE",
         "SCENARIO",
+        "DIR",
+        "RULE",
         "STATE",
         "AGE",
         "IDLE",
@@ -112,6 +116,52 @@ def ports(rows: list[dict[str, Any]]) -> str:
     ]
 
     return table(head, out)
+
+
+#: ``snatgw rules`` columns: (header, row key). Two "PORTS" columns, as Azure's portal shows them.
+RULE_COLUMNS = (
+    ("GROUP", "group"),
+    ("ATTACHED", "attached"),
+    ("DIRECTION", "direction"),
+    ("PRIORITY", "priority"),
+    ("NAME", "name"),
+    ("ACCESS", "access"),
+    ("PROTOCOL", "protocol"),
+    ("SOURCE", "source"),
+    ("PORTS", "source_ports"),
+    ("DESTINATION", "destination"),
+    ("PORTS", "destination_ports"),
+    ("HITS", "hits"),
+)
+
+
+def rules(rows: list[dict[str, Any]]) -> str:
+    """``snatgw rules``: one table per backend of the rules that apply to it, in
+    evaluation order (inbound: subnet group, then NIC group; outbound: NIC, then
+    subnet), Azure's default rules included and marked ``*``, with hit counts.
+
+    Rows whose ``backend`` is "" belong to groups no configured backend meets;
+    they come last under their own heading.
+    """
+    if not rows:
+        return "no security groups: outbound is unfiltered, unsolicited inbound follows inbound_default"
+    by_backend: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_backend.setdefault(str(r.get("backend", "")), []).append(r)
+    blocks = []
+    for backend, group_rows in by_backend.items():
+        title = f"backend {backend}" if backend else "groups no configured backend meets"
+        groups = dict.fromkeys(f"{r['group']} ({r['attached']})" for r in group_rows)
+        body = table(
+            [h for h, _k in RULE_COLUMNS],
+            [
+                [(r[k] + " *" if k == "name" and r.get("default") else r[k]) for _h, k in RULE_COLUMNS]
+                for r in group_rows
+            ],
+        )
+        blocks.append(f"{title}: {', '.join(groups)}\n{body}")
+    blocks.append("* one of Azure's default rules")
+    return "\n\n".join(blocks)
 
 
 def stats(s: dict[str, Any]) -> str:
@@ -178,7 +228,27 @@ def status(s: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    if s.get("health"):
+        lines += ["", health(s["health"])]
     return "\n".join(lines)
+
+
+def health(rows: list[dict[str, Any]]) -> str:
+    """Probe health per member (``status``): up or down, failures in a row, for how long."""
+    return table(
+        ("PROBE", "MEMBER", "PORT", "STATE", "FAILURES", "SINCE"),
+        [
+            (
+                r["probe"],
+                r["member"],
+                r.get("port"),
+                r["state"],
+                r.get("failures"),
+                _secs(r["for"]) if r.get("for") is not None else None,
+            )
+            for r in rows
+        ],
+    )
 
 
 def _control(c: dict[str, Any] | None) -> str:

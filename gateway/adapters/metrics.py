@@ -22,7 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 
 from gateway.adapters.loop import LATENCY_BUCKETS
+from gateway.core.address import ip_str
 from gateway.core.model import PROTO_NAMES
+from gateway.core.security import SecurityPolicy
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -48,6 +50,33 @@ def family(kind: Family, name: str, doc: str, labels: list[str], samples: Sample
 def by_key(counts: dict[str, int]) -> Samples:
     """Samples labelled by the keys of ``counts`` (one label)."""
     return (([k], n) for k, n in counts.items())
+
+
+def security_counts(policy: SecurityPolicy) -> dict[str, list[dict[str, Any]]]:
+    """Hit and denial counts of the security policy as plain rows (taken in the loop's
+    thread, turned into families in the scrape's).
+
+    ``hits``: one row per compiled rule (a group's own and its six defaults);
+    ``denials``: one row per backend and deciding rule; a flow no group
+    covered that ``inbound_default`` denied has group "" and rule
+    "inbound_default".
+    """
+    refs = policy.refs
+    hits = [
+        {"group": r.group, "direction": str(r.direction), "rule": r.name, "hits": policy.hits[r.index]}
+        for r in refs
+    ]
+    denials = []
+    for (backend, index), n in policy.denials.items():
+        if 0 <= index < len(refs):
+            r = refs[index]
+            group, rule, direction = r.group, r.name, str(r.direction)
+        else:
+            group, rule, direction = "", "inbound_default", "inbound"
+        denials.append(
+            {"backend": ip_str(backend), "group": group, "rule": rule, "direction": direction, "flows": n}
+        )
+    return {"hits": hits, "denials": denials}
 
 
 class GatewayCollector:
@@ -104,6 +133,22 @@ class GatewayCollector:
         yield family(G, "snatgw_flows", "Live flows", ["protocol", "state"],
                      (([p, st], n) for p, states in stats["flows"].items() for st, n in states.items()))
         yield C("snatgw_flows_created", "Flows created", value=c["flows_created"])
+        yield C("snatgw_inbound_flows_created", "Flows opened from the outside (LB rules, inbound NAT "
+                "rules, instance IPs)", value=c["inbound_flows_created"])
+        yield C("snatgw_hairpin_packets", "Packets from the inside to a public address translated "
+                "back inside (hairpin)", value=c["hairpin_translated"])
+        sec = snap.get("security", {"hits": [], "denials": []})
+        yield family(C, "snatgw_security_denied_flows", "New flows a security group (or inbound_default) "
+                     "denied, per backend and deciding rule", ["backend", "group", "rule", "direction"],
+                     (([d["backend"], d["group"], d["rule"], d["direction"]], d["flows"])
+                      for d in sec["denials"]))
+        yield family(C, "snatgw_security_rule_hits", "New flows each security rule decided (allowed or "
+                     "denied), defaults included", ["group", "rule", "direction"],
+                     (([h["group"], h["rule"], h["direction"]], h["hits"]) for h in sec["hits"]))
+        yield family(G, "snatgw_member_health", "LB rule member health as its probe sees it (1 up, 0 down)",
+                     ["probe", "member", "port"],
+                     (([h["probe"], h["member"], str(h["port"])], 1 if h["state"] == "up" else 0)
+                      for h in snap.get("health", [])))
         yield family(C, "snatgw_flows_ended", "Flows ended, by reason", ["reason"],
                      by_key(stats["flows_ended"]))
         yield family(G, "snatgw_address_block_size_ports", "Ports per backend on the address (its tier)",

@@ -2,10 +2,16 @@
 everything back.
 
 :class:`Gateway` ties the adapters around one translation table: the packet
-loop, iptables and addresses, the control socket, the metrics endpoint and
-reload (SIGHUP or ``snatgw reload``). Everything that touches the table runs
-in the loop's thread: requests from other threads go through
-:meth:`PacketLoop.call`.
+loop, iptables, addresses and sysctls, the health prober, the control
+socket, the metrics endpoint and reload (SIGHUP or ``snatgw reload``).
+Everything that touches the table runs in the loop's thread: requests from
+other threads go through :meth:`PacketLoop.call`, probe results through
+:meth:`PacketLoop.post`.
+
+Two model fields the config may leave empty are the host's to fill, before
+the table is built and at every reload: ``address_space`` (the VirtualNetwork
+tag: the inside interface's IPv4 prefixes) and ``probe_source`` (the
+AzureLoadBalancer address: the inside interface's first address).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.loop import PacketLoop
+from gateway.adapters.prober import Prober
 from gateway.adapters.statefile import StateSaver, state_path
 from gateway.adapters.statefile import restore as restore_state
 from gateway.config import ConfigError, GatewayConfig, load
@@ -36,6 +44,23 @@ from gateway.core.table import TranslationTable
 STATE_DIR = Path("/run/snatgw")
 
 _PROTOS = {name: num for num, name in PROTO_NAMES.items()}
+
+
+def host_defaults(cfg: GatewayConfig) -> GatewayConfig:
+    """``cfg`` with ``address_space`` and ``probe_source`` filled in from the inside
+    interface where the config left them empty (docs/model.md, "Security groups")."""
+    model = cfg.model
+    space = model.address_space or system.inside_prefixes(cfg.inside)
+    source = model.probe_source or system.first_address(cfg.inside)
+    if space == model.address_space and source == model.probe_source:
+        return cfg
+    return replace(cfg, model=replace(model, address_space=space, probe_source=source))
+
+
+def _cidrs(span: tuple[int, int]) -> Iterator[ipaddress.IPv4Network]:
+    """An inclusive address range as the fewest CIDR blocks."""
+    lo, hi = span
+    return ipaddress.summarize_address_range(ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi))
 
 
 def _ip_arg(request: dict[str, Any], key: str) -> int | None:
@@ -60,7 +85,7 @@ class Gateway:
     ) -> None:
         #: ``--control-socket`` over the file's value; a reload keeps it.
         self.control_override = control_socket
-        cfg = self._overridden(cfg)
+        cfg = host_defaults(self._overridden(cfg))
         self.cfg = cfg
         self.log = log
         self.metrics = metrics if metrics is not None else cfg.metrics
@@ -86,6 +111,12 @@ class Gateway:
         self.saver = StateSaver(
             self.table, self.loop, log, lambda: (state_path(self.cfg.state_file), self.cfg.state_interval)
         )
+        self.prober = Prober(self._probe_report, cfg.model.probe_source)
+
+    def _probe_report(self, probe: str, member: int, ok: bool) -> None:
+        """A result from the prober's thread: applied in the loop's (no table access here)."""
+        table = self.table
+        self.loop.post(lambda: table.probe_result(probe, member, ok, time.monotonic()))
 
     def _on_hup(self) -> None:
         self.reload("sighup")
@@ -114,7 +145,10 @@ class Gateway:
         stop_metrics = None
         try:
             system.add_addresses(cfg.outside, self.publics)
-            iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue)
+            # Before the rules: a hairpinned packet needs accept_local from its first.
+            system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
+            probes = bool(cfg.model.probes)
+            iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
             system.enable_forwarding(STATE_DIR)
             if self.metrics is not None:
                 from gateway.adapters.metrics import serve
@@ -123,9 +157,12 @@ class Gateway:
             control.start()
             self.log.info("gateway_ready", **self.describe())
             self.saver.start()
+            self.prober.set_targets(self.table.probe_targets(), cfg.model.probe_source)
+            self.prober.start()
             self.loop.run()
             self.saver.stop_and_save()
         finally:
+            self.prober.stop()
             # stopped = "block": the guard replaces the rules in one commit, then
             # forwarding goes back to the operator's value; "remove": forwarding
             # first, then every rule (docs/kernel.md, "Guard").
@@ -135,6 +172,7 @@ class Gateway:
             else:
                 iptables.guard(cfg.inside, cfg.outside)
                 system.restore_forwarding(STATE_DIR)
+            system.restore_sysctls(STATE_DIR)
             system.remove_addresses(cfg.outside, self.publics)
             control.close()
             if stop_metrics is not None:
@@ -162,6 +200,9 @@ class Gateway:
             "public_ips": [ip_str(a) for a in self.publics],
             "pools": {p["pool"]: {k: v for k, v in p.items() if k != "pool"} for p in status["pools"]},
             "idle_timeout": cfg.model.timeouts.idle,
+            "address_space": [str(n) for span in cfg.model.address_space for n in _cidrs(span)],
+            "probe_source": ip_str(cfg.model.probe_source) if cfg.model.probe_source else None,
+            "inbound_default": "allow" if cfg.model.inbound_default_allow else "deny",
             "control_socket": cfg.control_socket,
             "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else None,
         }
@@ -191,18 +232,24 @@ class Gateway:
                 system.interface_index(name)
             except LookupError as e:
                 return self._reject(source, key, str(e))
+        new = host_defaults(new)
+        probes = bool(new.model.probes)
         publics = list(new.model.public_addresses())
         added = [p for p in publics if p not in self.publics]
         gone = [p for p in self.publics if p not in publics]
         try:
             system.add_addresses(cfg.outside, added)
-            jumps = iptables.replace(cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue)
+            jumps = iptables.replace(
+                cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue, probes=probes
+            )
             summary = self.table.reconfigure(new.model, time.monotonic())
         except (OSError, RuntimeError, ModelError) as e:
             system.remove_addresses(cfg.outside, added)
-            iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue)
+            had = bool(cfg.model.probes)
+            iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=had)
             return self._reject(source, "(system)", str(e))
         system.remove_addresses(cfg.outside, gone)
+        self.prober.set_targets(self.table.probe_targets(), new.model.probe_source)
         self.cfg = new
         self.publics = publics
         self.reloads["applied"] += 1
@@ -243,6 +290,9 @@ class Gateway:
             return self.loop.call(
                 lambda: views.ports(self.table, time.monotonic(), time.time(), backend, top)
             )
+        if cmd == "rules":
+            backend = _ip_arg(request, "backend")
+            return self.loop.call(lambda: views.rules(self.table, backend))
         if cmd == "stats":
             return self.loop.call(lambda: views.stats(self.table))
         if cmd == "status":
@@ -274,12 +324,15 @@ class Gateway:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Everything one scrape needs, taken in the loop's thread."""
+        from gateway.adapters.metrics import security_counts
 
         def take() -> dict[str, Any]:
             return {
                 "stats": views.stats(self.table),
                 "ports": views.ports(self.table, time.monotonic(), time.time(), top=0),
                 "status": views.status(self.table),
+                "security": security_counts(self.table.security),
+                "health": views.health(self.table),
                 "latency": (list(self.loop.latency), self.loop.latency_sum),
                 "reloads": dict(self.reloads),
                 "started": self.started_wall,

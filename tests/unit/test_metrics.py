@@ -56,3 +56,47 @@ def test_counters_gauges_and_histogram_are_exposed() -> None:
     assert 'snatgw_loop_latency_seconds_bucket{le="+Inf"} 6.0' in text
     assert "snatgw_loop_latency_seconds_count 6.0" in text
     assert "snatgw_start_time_seconds 1000.0" in text
+
+
+def test_security_health_inbound_and_hairpin_families() -> None:
+    """Denied flows per backend and rule, rule hits, member health 1/0, inbound and hairpin counters."""
+    from gateway.adapters.metrics import security_counts
+    from tests.unit.conftest import ip
+    from tests.unit.test_rules_render import _policy
+
+    policy = _policy()
+    backend = ip(POOL[0])
+    d = policy.outbound(backend, 6, backend, 40000, ip(SERVER), 25)
+    assert not d.allowed
+    policy.record_denial(backend, d, ip(SERVER), 25, 6, 1.0)
+    policy.denials[(ip(POOL[1]), -1)] = 2  # inbound_default denied two flows to a backend
+    sec = security_counts(policy)
+    t = TranslationTable(lab_model(), 0.0)
+    health = [
+        {"probe": "web-probe", "member": POOL[0], "port": 8080, "state": "up", "failures": 0},
+        {"probe": "web-probe", "member": POOL[1], "port": 8080, "state": "down", "failures": 2},
+    ]
+
+    def snapshot() -> dict[str, object]:
+        return {
+            "stats": views.stats(t), "ports": views.ports(t, 2.0, 1000.0, top=0), "status": views.status(t),
+            "security": sec, "health": health, "latency": ([0] * (len(LATENCY_BUCKETS) + 1), 0.0),
+            "reloads": {"applied": 0, "rejected": 0}, "started": 1.0,
+        }  # fmt: skip
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(snapshot))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert ('snatgw_security_denied_flows_total{backend="10.10.1.1",direction="outbound",group="web-nsg",'
+            'rule="deny-smtp"} 1.0') in text
+    assert ('snatgw_security_denied_flows_total{backend="10.10.1.2",direction="inbound",group="",'
+            'rule="inbound_default"} 2.0') in text
+    hits = "snatgw_security_rule_hits_total"
+    assert f'{hits}{{direction="outbound",group="web-nsg",rule="deny-smtp"}} 1.0' in text
+    assert f'{hits}{{direction="inbound",group="web-nsg",rule="DenyAllInBound"}} 0.0' in text
+    assert 'snatgw_member_health{member="10.10.1.1",port="8080",probe="web-probe"} 1.0' in text
+    assert 'snatgw_member_health{member="10.10.1.2",port="8080",probe="web-probe"} 0.0' in text
+    assert "snatgw_inbound_flows_created_total 0.0" in text
+    assert "snatgw_hairpin_packets_total 0.0" in text
+    assert 'snatgw_dropped_packets_total{reason="security_denied"} 0.0' in text
+    assert 'snatgw_dropped_packets_total{reason="no_healthy_member"} 0.0' in text
