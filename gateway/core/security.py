@@ -545,7 +545,9 @@ class SecurityPolicy:
         tables = self._cover_of(backend)[3]
         if not tables:
             return opening or self.model.inbound_default_allow
-        internet = self.tags[Tag.INTERNET]
+        # The probe source is the gateway itself, not a client, even when it lies outside address_space.
+        probe = self.tags[Tag.AZURE_LOAD_BALANCER]
+        internet = complement(merge(self.tags[Tag.VIRTUAL_NETWORK] + probe), MAX_IP)
         inet_starts = [s for s, _ in internet]
 
         def pieces(dim: int, extra: Iterable[int] = ()) -> list[int]:
@@ -560,7 +562,7 @@ class SecurityPolicy:
                 distinct.setdefault(key, x)
             return list(distinct.values())
 
-        srcs = pieces(0, [x for _, e in internet if e < MAX_IP for x in (e + 1,)])
+        srcs = pieces(0, [x for s, e in internet for x in (s, e + 1) if x <= MAX_IP])
         sports = pieces(1)
         dports = pieces(3) if dport is None else [dport]
         for proto, src, sport, dp in product(protos, srcs, sports, dports):
