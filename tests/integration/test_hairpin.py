@@ -1,0 +1,113 @@
+"""Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8; issue 10, part 2): a backend that connects
+to a public address the gateway owns reaches the target, which sees the backend's own
+public address as the source, exactly as if the connection came from outside.
+
+Targets are whoami ``--show-local`` listeners on the backends: their answer names the
+member that answered and the source it saw, and their log records the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.lab import configtext
+from gateway.lab import layout as t
+from gateway.lab.inbound import MemberAnswer, MemberListeners, parse_member_answer
+from gateway.lab.layout import LabNames
+from tests.integration import helpers as h
+
+pytestmark = pytest.mark.integration
+
+PORT = t.MEMBER_PORT
+NAT_PORT, NAT_BACKEND_PORT = 50001, 2222
+BLOCK = 1024  # lab.toml: 3 members behind fe-web, 1024-port blocks from 1024 (10.10.1.1 first)
+
+
+@pytest.fixture(scope="module")
+def listeners(lab: LabNames, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemberListeners]:
+    ml = MemberListeners(lab.be, Path(tmp_path_factory.mktemp("listeners")))
+    try:
+        ml.start_all([*t.POOL_MEMBERS, t.INSTANCE_BACKEND], PORT)
+        ml.start(t.POOL_MEMBERS[0], NAT_BACKEND_PORT)
+        yield ml
+    finally:
+        ml.close()
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateway: h.GatewayFactory, listeners: MemberListeners) -> Iterator[h.GatewayProc]:
+    """lab.toml, inbound open, plus the NAT rule frontend:50001 -> 10.10.1.1:2222."""
+
+    def add(cfg: dict[str, Any]) -> None:
+        cfg["gateway"]["inbound_default"] = "allow"
+
+    nat = {"name": "ssh-1", "frontend": "fe-web", "protocol": "tcp", "frontend_port": NAT_PORT,
+           "backend": t.POOL_MEMBERS[0], "backend_port": NAT_BACKEND_PORT}
+    proc = module_gateway(h.lab_config(mutate=add) + configtext.sections(inbound_nat_rules=[nat]))
+    yield proc
+    assert proc.stop() == 0, proc.log_text()[-3000:]
+
+
+def _from_backend(lab: LabNames, src: str, url: str, extra: tuple[str, ...] = ()) -> MemberAnswer:
+    res = h.curl(lab, src, url, max_time=3, extra=extra)
+    assert res.returncode == 0, (src, url, res.stderr.decode())
+    return parse_member_answer(res.stdout.decode())
+
+
+def test_a_standalone_backend_reaches_an_lb_frontend_port_as_its_default_snat_address(
+    lab: LabNames, gw: h.GatewayProc, listeners: MemberListeners
+) -> None:
+    """10.10.3.1 -> frontend:80 lands on a member's 8080, which sees a default SNAT address."""
+    marks = {m: listeners.log(m).mark() for m in t.POOL_MEMBERS}
+    a = _from_backend(lab, t.STANDALONE[0], f"http://{t.FRONTEND_IP}:80/")
+    assert a.member in t.POOL_MEMBERS and a.port == PORT
+    assert a.src in t.DEFAULT_SNAT and a.sport >= 1024, a
+    recs = listeners.log(a.member).wait_for(lambda r: len(r) >= 1, marks[a.member])
+    assert [(r["src"], r["sport"]) for r in recs] == [(a.src, a.sport)]
+    assert h.wait_until(lambda: gw.ask("stats")["counters"]["hairpin_translated"] > 0, 5,
+                        what="hairpin_translated counted")
+
+
+def test_a_pool_member_reaches_an_instance_public_ip_as_its_frontend(
+    lab: LabNames, gw: h.GatewayProc, listeners: MemberListeners
+) -> None:
+    """10.10.1.2 -> 198.51.100.20:8080 reaches 10.10.2.1, which sees the frontend and a port
+    of 10.10.1.2's block."""
+    a = _from_backend(lab, t.POOL_MEMBERS[1], f"http://{t.INSTANCE_PUBLIC}:{PORT}/")
+    assert a.member == t.INSTANCE_BACKEND and a.src == t.FRONTEND_IP, a
+    assert 1024 + BLOCK <= a.sport < 1024 + 3 * BLOCK, a
+
+
+def test_an_instance_ip_backend_reaches_a_frontend_with_its_own_port(
+    lab: LabNames, gw: h.GatewayProc
+) -> None:
+    """10.10.2.1 (instance IP, no port translation) -> frontend:80: the member sees
+    198.51.100.20 and the backend's own source port."""
+    a = _from_backend(lab, t.INSTANCE_BACKEND, f"http://{t.FRONTEND_IP}:80/",
+                      extra=("--local-port", "41234"))
+    assert (a.src, a.sport) == (t.INSTANCE_PUBLIC, 41234), a
+    assert a.member in t.POOL_MEMBERS
+
+
+def test_hairpin_to_an_inbound_nat_port(lab: LabNames, gw: h.GatewayProc, listeners: MemberListeners) -> None:
+    """10.10.3.2 -> frontend:50001 reaches 10.10.1.1:2222, which sees a default SNAT address."""
+    a = _from_backend(lab, t.STANDALONE[1], f"http://{t.FRONTEND_IP}:{NAT_PORT}/")
+    assert (a.member, a.port) == (t.POOL_MEMBERS[0], NAT_BACKEND_PORT)
+    assert a.src in t.DEFAULT_SNAT, a
+
+
+def test_a_member_landing_on_itself_sees_its_own_frontend(lab: LabNames, gw: h.GatewayProc) -> None:
+    """10.10.1.1 -> frontend:80, 30 times: every answer shows the frontend and a port of
+    10.10.1.1's block as source, and some land on 10.10.1.1 itself (P(none) = (2/3)^30)."""
+    url = f"http://{t.FRONTEND_IP}:80/"
+    res = h.curl(lab, t.POOL_MEMBERS[0], url, max_time=20, extra=[url] * 29)
+    assert res.returncode == 0, res.stderr.decode()
+    answers = [parse_member_answer(ln) for ln in res.stdout.decode().splitlines()]
+    assert len(answers) == 30
+    assert {a.src for a in answers} == {t.FRONTEND_IP}
+    assert all(1024 <= a.sport < 1024 + BLOCK for a in answers), [a.sport for a in answers]
+    assert any(a.member == t.POOL_MEMBERS[0] for a in answers), {a.member for a in answers}
