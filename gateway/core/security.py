@@ -140,22 +140,6 @@ class CompiledRule:
     destinations: tuple[Span, ...]
     destination_ports: tuple[Span, ...]
 
-    def matches(self, proto: int, src: int, sport: int, dst: int, dport: int) -> bool:
-        """Plain evaluation of one rule (for :meth:`SecurityPolicy.unopened` and tests)."""
-        if self.protocol not in (0, proto):
-            return False
-        if proto not in PORTED and (self.source_ports != ALL_PORTS or self.destination_ports != ALL_PORTS):
-            return False
-        return all(
-            contains(spans, [s for s, _ in spans], x)
-            for spans, x in (
-                (self.sources, src),
-                (self.source_ports, sport),
-                (self.destinations, dst),
-                (self.destination_ports, dport),
-            )
-        )
-
 
 def _partition(sets: Sequence[tuple[Span, ...]], top: int) -> tuple[list[int], list[int]]:
     """Cut ``0..top`` at every edge of ``sets`` (one merged range set per rule, bit
@@ -275,7 +259,8 @@ def ports_text(spans: Iterable[Span]) -> str:
     return ", ".join(span_text(s, MAX_PORT) for s in spans)
 
 
-_ProtoName = {0: "*", **PROTO_NAMES}
+#: How rows and events name a rule's or flow's protocol ("*": any).
+PROTO_LABELS = {0: "*", **PROTO_NAMES}
 
 
 class SecurityPolicy:
@@ -309,7 +294,7 @@ class SecurityPolicy:
         self._single = [Decision(r.allow, (r,), f"{r.group}/{r.name}") for r in self.refs]
         self._pairs: dict[int, Decision] = {}
         self._prefix_index()
-        self._covers: dict[int, _Cover] = {b: self._lookup(b) for b in self.configured_backends()}
+        self._covers: dict[int, _Cover] = self._nic_covers()
         self._cache: dict[int, _Cover] = {}
         if previous is not None:
             self._carry(previous)
@@ -375,15 +360,25 @@ class SecurityPolicy:
             seen.update(g.backends)
         return sorted(seen)
 
-    def _lookup(self, backend: int) -> _Cover:
-        subnet = self._prefix_g[bisect_right(self._prefix_b, backend) - 1]
-        nic: _Group | None = None
-        pools = {p.name for p in self.model.pools if backend in p.members}
+    def _subnet(self, backend: int) -> _Group | None:
+        return self._prefix_g[bisect_right(self._prefix_b, backend) - 1]
+
+    def _nic_covers(self) -> dict[int, _Cover]:
+        """Groups of every configured backend: its NIC group (attached to its address
+        or to a pool it is in) and its subnet group."""
+        nic: dict[int, _Group] = {}
+        members = {p.name: p.members for p in self.model.pools}
         for g in self.groups.values():
-            if backend in g.spec.backends or pools.intersection(g.spec.pools):
-                nic = g
-                break
-        return _cover(subnet, nic) if subnet or nic else _NONE
+            for b in g.spec.backends:
+                nic.setdefault(b, g)
+            for pool in g.spec.pools:
+                for b in members.get(pool, ()):
+                    nic.setdefault(b, g)
+        covers: dict[int, _Cover] = {}
+        for b in self.configured_backends():
+            subnet, n = self._subnet(b), nic.get(b)
+            covers[b] = _cover(subnet, n) if subnet or n else _NONE
+        return covers
 
     def _cover_of(self, backend: int) -> _Cover:
         c = self._covers.get(backend)
@@ -393,7 +388,7 @@ class SecurityPolicy:
         if c is None:
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
-            subnet = self._prefix_g[bisect_right(self._prefix_b, backend) - 1]
+            subnet = self._subnet(backend)
             c = self._cache[backend] = _cover(subnet, None) if subnet else _NONE
         return c
 
@@ -470,10 +465,10 @@ class SecurityPolicy:
             gate = self._gates[key] = EventGate()
         if not gate.admit(now, DENIAL_EVENT_INTERVAL):
             return None
+        protocol = PROTO_LABELS.get(proto, str(proto))
         event = FlowDenied(
-            ip_str(backend), group, rule, direction, _ProtoName.get(proto, str(proto)), ip_str(remote), port,
-            gate.suppressed,
-        )  # fmt: skip
+            ip_str(backend), group, rule, direction, protocol, ip_str(remote), port, gate.suppressed
+        )
         gate.sent(now)
         return event
 
@@ -494,7 +489,7 @@ class SecurityPolicy:
                 "priority": c.ref.priority,
                 "name": c.ref.name,
                 "access": "allow" if c.ref.allow else "deny",
-                "protocol": _ProtoName.get(c.protocol, str(c.protocol)),
+                "protocol": PROTO_LABELS.get(c.protocol, str(c.protocol)),
                 "source": terms_text(c.rule.sources),
                 "source_ports": ports_text(c.rule.source_ports),
                 "destination": terms_text(c.rule.destinations),
