@@ -147,6 +147,12 @@ class Gateway:
             system.add_addresses(cfg.outside, self.publics)
             # Before the rules: a hairpinned packet needs accept_local from its first.
             system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
+            if system.strict_rp_filter(cfg.inside):
+                self.log.warning(
+                    "hairpin_blocked_by_rp_filter", interface=cfg.inside,
+                    problem="strict reverse-path filtering (rp_filter 1) drops hairpinned packets; "
+                    "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
+                )  # fmt: skip
             probes = bool(cfg.model.probes)
             iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
             system.enable_forwarding(STATE_DIR)

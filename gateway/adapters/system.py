@@ -153,6 +153,19 @@ def hairpin_sysctls(inside: str) -> dict[str, str]:
     }
 
 
+def strict_rp_filter(inside: str) -> bool:
+    """Whether strict reverse-path filtering applies on ``inside`` (the kernel uses
+    the larger of ``all`` and the interface's value; 1 is strict). A hairpinned
+    packet's source is a public address, local to the host and routed out the
+    other interface, so strict filtering drops it; loose (2) and off (0) do not
+    (docs/kernel.md, "Hairpin")."""
+    try:
+        values = [int((_CONF / k / "rp_filter").read_text()) for k in ("all", inside)]
+    except (OSError, ValueError):
+        return False
+    return max(values) == 1
+
+
 def _sysctl_state(state_dir: Path) -> Path:
     return state_dir / f"sysctl-netns-{os.stat('/proc/self/ns/net').st_ino}.json"
 
