@@ -6,9 +6,11 @@ import dataclasses
 import ipaddress
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core import security
 from gateway.core.events import FlowDenied, InboundNotOpened, fields
 from gateway.core.model import (
     AddressTerm,
@@ -239,6 +241,12 @@ def test_icmp_matches_only_portless_rules() -> None:
     assert names(p.outbound(WEB1, GRE, WEB1, 0, SERVER, 80)) == [("nic", "AllowInternetOutBound")]
 
 
+def test_no_probe_source_leaves_the_tag_empty() -> None:
+    """probe_source 0 (not filled in) makes AzureLoadBalancer match nothing, not 0.0.0.0."""
+    p = SecurityPolicy(model(nic(), probe_source=0, address_space=()))
+    assert names(p.inbound(WEB1, TCP, 0, 1, WEB1, 80)) == [("nic", "DenyAllInBound")]
+
+
 # -- which groups and in which order ------------------------------------------------------
 
 
@@ -303,6 +311,16 @@ def test_nic_and_subnet_both_allow_in_azure_order() -> None:
     d = p.outbound(WEB1, UDP, WEB1, 1, SERVER, 124)
     assert d.allowed and names(d) == [("nic", "AllowInternetOutBound"), ("sub", "AllowInternetOutBound")]
     assert d.label == "nic/AllowInternetOutBound,sub/AllowInternetOutBound"
+
+
+def test_standalone_lookup_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Standalone sources are looked up by prefix and cached; the cache is cleared when full."""
+    monkeypatch.setattr(security, "CACHE_LIMIT", 4)
+    p = SecurityPolicy(model(subnet()))
+    for i in range(10):
+        assert p.outbound(LONE + i, TCP, LONE + i, 1, SERVER, 80).allowed
+        assert len(p._cache) <= 4
+    assert p.groups_of(LONE + 3) == ("sub", None)
 
 
 # -- hits, denials, interning, reload -------------------------------------------------------
@@ -695,7 +713,7 @@ def scenarios(draw: st.DrawFn) -> GatewayModel:
 flows = st.tuples(st.sampled_from([ICMP, TCP, UDP, GRE]), address, port, address, port)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(scenarios(), st.lists(st.tuples(st.sampled_from([IN, OUT]), flows), min_size=1, max_size=20))
 def test_compiled_equals_naive(
     m: GatewayModel, cases: list[tuple[Direction, tuple[int, int, int, int, int]]]
