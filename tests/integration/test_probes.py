@@ -74,25 +74,13 @@ def health_back(listeners: MemberListeners) -> Iterator[MemberListeners]:
         listeners.start_all(t.POOL_MEMBERS, HEALTH)
 
 
-def _walk(doc: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(doc, dict):
-        yield doc
-        for v in doc.values():
-            yield from _walk(v)
-    elif isinstance(doc, list):
-        for v in doc:
-            yield from _walk(v)
-
-
 def health(gw: h.GatewayProc) -> dict[str, str]:
-    """member -> "up"/"down" as ``snatgw status --json`` shows it (rows naming a member and
-    its state, wherever the status document nests them)."""
+    """member -> "up"/"down" from the ``health`` rows of ``snatgw status --json`` (one per
+    probe and member; a member down for any probe counts as down)."""
     out: dict[str, str] = {}
-    for row in _walk(gw.ask("status")):
-        member = row.get("member")
-        state = row.get("state", row.get("health"))
-        if isinstance(member, str) and state in ("up", "down"):
-            out[member] = "down" if out.get(member) == "down" else state
+    for row in gw.ask("status").get("health") or []:
+        member, state = row["member"], row["state"]
+        out[member] = "down" if out.get(member) == "down" else state
     return out
 
 
