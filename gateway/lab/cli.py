@@ -33,7 +33,7 @@ def add_lab_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--mtu", type=int, default=1500, help="MTU of every veth (default: 1500)")
-    p.add_argument("--no-whoami", action="store_true", help="do not start the whoami service")
+    p.add_argument("--no-whoami", action="store_true", help="do not start the whoami and myip DNS services")
     p.set_defaults(func=cmd_lab)
 
 

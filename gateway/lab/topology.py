@@ -82,7 +82,8 @@ def lab_up(
     """Build the lab from scratch (a stale lab of the same prefix is removed first).
 
     On any failure the partial lab is torn down again before the error propagates, so a
-    failed ``lab_up`` never leaves namespaces behind.
+    failed ``lab_up`` never leaves namespaces behind.  ``whoami`` starts the internet
+    host's services: whoami and the myip DNS responder.
     """
     _require_root()
     if not 68 <= mtu <= 65535:
