@@ -7,6 +7,9 @@ object on stdout.  Servers run until SIGTERM/SIGINT (bench.py stops them by pid)
     bench_helper.py echo-server --bind IP --port N          # UDP echo
     bench_helper.py cps-client --src IP --dst IP --port N --duration S
     bench_helper.py rtt-client --src IP --dst IP --port N --count N
+    bench_helper.py flow-burst --src IP --dst IP --sports LO-HI --dports LO-HI
+        # raw UDP packets, one per (source port, destination port): a new flow each;
+        # reads a count per line on stdin, sends that many more, answers "sent TOTAL"
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import json
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 def _stop_on_term() -> None:
@@ -64,17 +68,17 @@ def accept_server(bind: str, port: int) -> int:
                         continue
                     sel.register(conn, selectors.EVENT_READ, True)
                 continue
-            conn = key.fileobj
-            assert isinstance(conn, socket.socket)
+            peer = key.fileobj
+            assert isinstance(peer, socket.socket)
             try:
-                data = conn.recv(4096)
+                data = peer.recv(4096)
             except BlockingIOError:
                 continue
             except OSError:
                 data = b""
             if not data:
-                sel.unregister(conn)
-                conn.close()
+                sel.unregister(peer)
+                peer.close()
 
 
 def echo_server(bind: str, port: int) -> int:
@@ -166,6 +170,77 @@ def rtt_client(src: str, dst: str, port: int, count: int, warmup: int) -> int:
     return 0
 
 
+def ones_sum(data: bytes) -> int:
+    """RFC 1071 one's-complement sum of ``data`` (padded to even length), folded to 16 bits."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4/UDP datagram with correct checksums (RFC 791, RFC 768)."""
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    length = 8 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0, s, d)
+    ip = ip[:10] + struct.pack("!H", ~ones_sum(ip) & 0xFFFF) + ip[12:]
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    c = ~ones_sum(s + d + struct.pack("!BBH", 0, 17, length) + udp) & 0xFFFF
+    return ip + udp[:6] + struct.pack("!H", c or 0xFFFF) + udp[8:]
+
+
+def flow_tuples(sports: tuple[int, int], dports: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """Every (source port, destination port) pair, source port varying fastest."""
+    for dport in range(dports[0], dports[1] + 1):
+        for sport in range(sports[0], sports[1] + 1):
+            yield sport, dport
+
+
+def flow_burst(src: str, dst: str, sports: tuple[int, int], dports: tuple[int, int]) -> int:
+    """Open idle UDP flows on demand: each line on stdin is a count of new flows to send.
+
+    One packet per flow, sent on a raw socket (no socket per source port), so one process
+    can open a million flows; the bench paces the bursts by the gateway's queue, so
+    that none is lost to a full queue.  Answers ``sent TOTAL`` per line; ``done`` when
+    every pair has been sent.
+    """
+    _stop_on_term()
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    # One template; per packet only the ports and the UDP checksum change (RFC 1624).
+    template = bytearray(udp_packet(src, dst, 0, 0, b"bench-fl"))
+    base = ~int.from_bytes(template[26:28], "big") & 0xFFFF
+    ports = struct.Struct("!HH")
+    csum = struct.Struct("!H")
+    tuples = flow_tuples(sports, dports)
+    sent = 0
+    print("ready", flush=True)
+    for line in sys.stdin:
+        want = int(line.strip() or 0)
+        for _ in range(want):
+            pair = next(tuples, None)
+            if pair is None:
+                break
+            c = base + pair[0] + pair[1]
+            c = (c & 0xFFFF) + (c >> 16)
+            c = (c & 0xFFFF) + (c >> 16)
+            ports.pack_into(template, 20, pair[0], pair[1])
+            csum.pack_into(template, 26, (~c & 0xFFFF) or 0xFFFF)
+            raw.sendto(template, (dst, 0))
+            sent += 1
+        print(f"sent {sent}", flush=True)
+    return 0
+
+
+def port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    a, b = int(lo), int(hi or lo)
+    if not 1 <= a <= b <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port range {text!r}")
+    return a, b
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_helper")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -184,11 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--count", type=int, default=2000)
     r.add_argument("--warmup", type=int, default=50)
+    f = sub.add_parser("flow-burst")
+    f.add_argument("--src", required=True)
+    f.add_argument("--dst", required=True)
+    f.add_argument("--sports", type=port_range, required=True)
+    f.add_argument("--dports", type=port_range, required=True)
     a = p.parse_args(argv)
     if a.cmd == "accept-server":
         return accept_server(a.bind, a.port)
     if a.cmd == "echo-server":
         return echo_server(a.bind, a.port)
+    if a.cmd == "flow-burst":
+        return flow_burst(a.src, a.dst, a.sports, a.dports)
     if a.cmd == "cps-client":
         return cps_client(a.src, a.dst, a.port, min(a.duration, 30.0))
     return rtt_client(a.src, a.dst, a.port, min(a.count, 100_000), min(a.warmup, 1000))
