@@ -434,11 +434,15 @@ _RULE_REQUIRED = {"name", "priority", "direction", "access", "protocol"}
 _RULE_OPTIONAL = frozenset({"source", "destination", "source_ports", "destination_ports"})
 
 
-def _keyword(r: _Reader, value: Any, key: str, choices: dict[str, _T], shown: str) -> _T:
-    """``value`` looked up in ``choices`` ignoring case (Azure capitalises its keywords)."""
-    if not isinstance(value, str) or value.lower() not in choices:
+def _keyword(
+    r: _Reader, value: Any, key: str, choices: dict[str, _T], shown: str, any_case: bool = True
+) -> _T:
+    """``value`` looked up in ``choices``; ``any_case`` for the security rules' keywords,
+    which Azure spells capitalised (Tcp, Inbound, Allow)."""
+    word = value.lower() if isinstance(value, str) and any_case else value
+    if not isinstance(word, str) or word not in choices:
         raise r.fail(key, f"{value!r} is not one of {shown}")
-    return choices[value.lower()]
+    return choices[word]
 
 
 def _cidr(r: _Reader, value: str, key: str) -> Span:
@@ -647,7 +651,8 @@ def _cloud_services(
         roles: list[Role] = []
         role_keys = {"name", "kind", "instances"}
         for rk, rt, rname in r.named_tables(t, "roles", role_keys, "role", frozenset({"endpoints"}), k):
-            kind = _keyword(r, rt["kind"], f"{rk}.kind", {v.value: v for v in RoleKind}, "web, worker, vm")
+            kinds = {v.value: v for v in RoleKind}
+            kind = _keyword(r, rt["kind"], f"{rk}.kind", kinds, "web, worker, vm", any_case=False)
             ips: list[int] = []
             for j, item in enumerate(r.array(rt["instances"], f"{rk}.instances")):
                 ik = f"{rk}.instances[{j}]"
@@ -667,7 +672,7 @@ def _cloud_services(
                     raise r.fail(f"{ek}.protocol", f"{proto!r} is not one of tcp, udp")
                 public = r.integer(et["public_port"], f"{ek}.public_port", 1, 65535)
                 local = r.integer(et["local_port"], f"{ek}.local_port", 1, 65535)
-                ports.hold(name, proto, public, f"{ek}.public_port", f"{ek} (role {name}/{rname})")
+                ports.hold(name, proto, public, f"{ek}.public_port", ek)
                 eps.append(Endpoint(proto, public, local))
             roles.append(Role(rname, kind, tuple(ips), tuple(eps)))
             if not eps:
@@ -748,7 +753,7 @@ def _lb_rules(
         ports.hold(fe, proto, fport, f"{k}.frontend_port", f"{k} {name!r}")
         dist = _keyword(
             r, t.get("distribution", "default"), f"{k}.distribution",
-            {d.value: d for d in Distribution}, "default, source_ip, source_ip_protocol",
+            {d.value: d for d in Distribution}, "default, source_ip, source_ip_protocol", any_case=False,
         )  # fmt: skip
         probe = ""
         if "probe" in t:
