@@ -22,7 +22,6 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import product
 
 from gateway.core.address import EventGate, ip_str
 from gateway.core.events import FlowDenied, InboundNotOpened
@@ -532,65 +531,133 @@ class SecurityPolicy:
 
     # -- inbound paths no rule opens ----------------------------------------------
 
-    def _could_allow(self, backend: int, protos: Sequence[int], dport: int | None, opening: bool) -> bool:
-        """Whether some Internet source could open a flow to ``backend`` (``dport``
-        None: any port). Exact: every dimension left free is cut at the edges of
-        both groups' rules and of the Internet tag, and one flow per piece with a
-        distinct outcome is evaluated (docs/decisions.md, "Security groups")."""
+    def _could_allow(
+        self, reach: _Reach, backend: int, protos: tuple[int, ...], dport: int | None, opening: bool
+    ) -> bool:
+        """Whether some Internet source could open a flow to ``backend`` on ``dport``
+        (None: any port). No group: only ``inbound_default`` or an opening lets it."""
         tables = self._cover_of(backend)[3]
         if not tables:
             return opening or self.model.inbound_default_allow
-        # The probe source is the gateway itself, not a client, even when it lies outside address_space.
-        probe = self.tags[Tag.AZURE_LOAD_BALANCER]
-        internet = complement(merge(self.tags[Tag.VIRTUAL_NETWORK] + probe), MAX_IP)
-        inet_starts = [s for s, _ in internet]
-
-        def pieces(dim: int, extra: Iterable[int] = ()) -> list[int]:
-            edges = {0, *extra}
-            for t in tables:
-                edges.update(t.dims[dim][0])
-            distinct: dict[tuple[int, ...], int] = {}
-            for x in sorted(edges):
-                if dim == 0 and not contains(internet, inet_starts, x):
-                    continue
-                key = tuple(m[bisect_right(b, x) - 1] for b, m in (t.dims[dim] for t in tables))
-                distinct.setdefault(key, x)
-            return list(distinct.values())
-
-        srcs = pieces(0, [x for s, e in internet for x in (s, e + 1) if x <= MAX_IP])
-        sports = pieces(1)
-        dports = pieces(3) if dport is None else [dport]
-        for proto, src, sport, dp in product(protos, srcs, sports, dports):
-            if all(self._allow[t.first(proto, src, sport, backend, dp)] for t in tables):
-                return True
-        return False
+        return reach.could_allow(tables, backend, protos, dport)
 
     def unopened(self) -> list[InboundNotOpened]:
         """Every inbound path (lb_rule or endpoint member, inbound NAT rule, instance
         IP) that no Internet source could ever use: one warning each, at start."""
         out: list[InboundNotOpened] = []
+        # The probe source is the gateway itself, not a client, even when outside address_space.
+        probe = self.tags[Tag.AZURE_LOAD_BALANCER]
+        reach = _Reach(complement(merge(self.tags[Tag.VIRTUAL_NETWORK] + probe), MAX_IP), self._allow)
         members = {p.name: p.members for p in self.model.pools}
         for r in self.model.lb_rules:
             kind = "endpoint" if r.opening else "lb_rule"
             for proto in (6, 17) if r.protocol == "all" else (_proto_number(r.protocol),):
                 for b in members.get(r.pool, ()):
-                    if not self._could_allow(b, (proto,), r.backend_port, r.opening):
+                    if not self._could_allow(reach, b, (proto,), r.backend_port, r.opening):
                         out.append(
                             InboundNotOpened(kind, r.name, ip_str(b), r.backend_port, PROTO_NAMES[proto])
                         )
         for n in self.model.inbound_nat_rules:
             proto = _proto_number(n.protocol)
-            if not self._could_allow(n.backend, (proto,), n.backend_port, False):
+            if not self._could_allow(reach, n.backend, (proto,), n.backend_port, False):
                 out.append(
                     InboundNotOpened(
                         "inbound_nat_rule", n.name, ip_str(n.backend), n.backend_port, n.protocol
                     )
                 )
         for i in self.model.instance_ips:
-            if not self._could_allow(i.private, tuple(PROTO_NAMES), None, False):
+            if not self._could_allow(reach, i.private, tuple(PROTO_NAMES), None, False):
                 out.append(InboundNotOpened("instance_ip", ip_str(i.public), ip_str(i.private), 0, "*"))
         return out
 
 
 def _proto_number(name: str) -> int:
     return {v: k for k, v in PROTO_NAMES.items()}[name]
+
+
+class _Reach:
+    """Whether any flow from the Internet could pass a backend's inbound tables, for
+    :meth:`SecurityPolicy.unopened` (docs/decisions.md, "Security groups").
+
+    Exact, not sampled: each free dimension (source address, source port, and
+    the destination port for an instance IP) is cut at the edges of every
+    table's pieces and, for the source, of the Internet set; only pieces with a
+    distinct combination of rule sets are tried. A branch stops as soon as the
+    first matching rule of a table is one that matches every value of the
+    dimensions still free. Members of one pool share their groups, so answers
+    are kept per (tables, destination rule sets, protocols, port)."""
+
+    def __init__(self, internet: tuple[Span, ...], allow: list[bool]) -> None:
+        self.internet = internet
+        self.starts = [s for s, _ in internet]
+        self.allow = allow
+        self._pieces: dict[tuple[tuple[Table, ...], int], list[tuple[int, ...]]] = {}
+        self._answers: dict[tuple[object, ...], bool] = {}
+
+    def pieces(self, tables: tuple[Table, ...], dim: int) -> list[tuple[int, ...]]:
+        """The distinct per-table rule sets of dimension ``dim`` (0: source, only
+        Internet addresses; 1: source port; 3: destination port)."""
+        key = (tables, dim)
+        found = self._pieces.get(key)
+        if found is not None:
+            return found
+        edges = {0}
+        if dim == 0:
+            edges.update(x for s, e in self.internet for x in (s, e + 1) if x <= MAX_IP)
+        for t in tables:
+            edges.update(t.dims[dim][0])
+        distinct: dict[tuple[int, ...], None] = {}
+        for x in sorted(edges):
+            if dim == 0 and not contains(self.internet, self.starts, x):
+                continue
+            distinct[tuple(m[bisect_right(b, x) - 1] for b, m in (t.dims[dim] for t in tables))] = None
+        found = self._pieces[key] = list(distinct)
+        return found
+
+    def could_allow(
+        self, tables: tuple[Table, ...], backend: int, protos: tuple[int, ...], dport: int | None
+    ) -> bool:
+        dst = tuple(t.dst_m[bisect_right(t.dst_b, backend) - 1] for t in tables)
+        key: tuple[object, ...] = (tables, dst, protos, dport)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._answers[key] = self._search(tables, dst, protos, dport)
+        return answer
+
+    def _search(
+        self, tables: tuple[Table, ...], dst: tuple[int, ...], protos: tuple[int, ...], dport: int | None
+    ) -> bool:
+        if dport is None:
+            dports = self.pieces(tables, 3)
+        else:
+            dports = [tuple(t.dport_m[bisect_right(t.dport_b, dport) - 1] for t in tables)]
+        dims = [self.pieces(tables, 0), self.pieces(tables, 1), dports]
+        # Rules that match every value of the dimensions after position k, per table.
+        every = [[-1] * len(tables) for _ in range(len(dims) + 1)]
+        for k in range(len(dims) - 1, -1, -1):
+            for i in range(len(tables)):
+                acc = every[k + 1][i]
+                for piece in dims[k]:
+                    acc &= piece[i]
+                every[k][i] = acc
+        allow = self.allow
+
+        def walk(k: int, masks: list[int]) -> bool:
+            decided = True
+            for i, m in enumerate(masks):
+                low = m & -m
+                if low & every[k][i]:
+                    if not allow[tables[i].index[low.bit_length() - 1]]:
+                        return False
+                else:
+                    decided = False
+            if decided:
+                return True
+            if k == len(dims):
+                return False  # unreachable: DenyAll matches every flow
+            return any(walk(k + 1, [m & p for m, p in zip(masks, piece, strict=True)]) for piece in dims[k])
+
+        return any(
+            walk(0, [t.protos.get(proto, t.other) & d for t, d in zip(tables, dst, strict=True)])
+            for proto in protos
+        )

@@ -726,6 +726,15 @@ def test_compiled_equals_naive(
             assert (d.allowed, names(d)) == naive(m, backend, direction, flow)
 
 
+def internet_sample(m: GatewayModel) -> list[int]:
+    """One address on each side of every edge the generated rules and tags can have, outside the space."""
+    near = {a for x in [*ADDRS, PROBE] for a in (x - 1, x, x + 1, x + 2) if 0 <= a <= 0xFFFFFFFF}
+    return sorted(a for a in near if a != m.probe_source and not any(s <= a <= e for s, e in m.address_space))
+
+
+PORT_SAMPLE = sorted({q for x in PORTS for q in (x, x + 1) if q <= 65535})
+
+
 @settings(max_examples=60, deadline=None)
 @given(scenarios())
 def test_unopened_agrees_with_brute_force(m: GatewayModel) -> None:
@@ -733,13 +742,25 @@ def test_unopened_agrees_with_brute_force(m: GatewayModel) -> None:
     m = dataclasses.replace(m, lb_rules=(lb("r", 53, "all"),))
     p = SecurityPolicy(m)
     reported = {e.protocol for e in p.unopened()}
-    candidates = sorted(
-        {a for x in [*ADDRS, PROBE] for a in (x - 1, x, x + 1, x + 2) if 0 <= a <= 0xFFFFFFFF}
-    )
-    internet = [
-        a for a in candidates if a != m.probe_source and not any(s <= a <= e for s, e in m.address_space)
-    ]
-    sports = sorted({q for x in PORTS for q in (x, x + 1, x + 2) if q <= 65535})
+    internet = internet_sample(m)
     for proto, pname in ((TCP, "tcp"), (UDP, "udp")):
-        reachable = any(naive(m, WEB1, IN, (proto, a, q, WEB1, 53))[0] for a in internet for q in sports)
+        reachable = any(naive(m, WEB1, IN, (proto, a, q, WEB1, 53))[0] for a in internet for q in PORT_SAMPLE)
         assert (pname in reported) == (not reachable)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scenarios())
+def test_unopened_instance_ip_agrees_with_brute_force(m: GatewayModel) -> None:
+    """An instance IP is reported exactly when no Internet flow of any protocol, port or source passes
+    (the sample is asked of the compiled policy, which test_compiled_equals_naive holds to the reference)."""
+    m = dataclasses.replace(m, instance_ips=(InstanceIp(WEB1, ip("198.51.100.20")),))
+    p = SecurityPolicy(m)
+    reported = [e.kind for e in p.unopened()] == ["instance_ip"]
+    reachable = any(
+        p.inbound(WEB1, proto, a, q, WEB1, d).allowed
+        for proto in (ICMP, TCP, UDP)
+        for a in internet_sample(m)
+        for q in PORT_SAMPLE
+        for d in PORT_SAMPLE
+    )
+    assert reported == (not reachable)
