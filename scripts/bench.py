@@ -43,6 +43,7 @@ import contextlib
 import cProfile
 import dataclasses
 import functools
+import gzip
 import ipaddress
 import json
 import os
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +255,16 @@ def parse_cpuinfo(text: str) -> str:
     return "unknown"
 
 
+def cpu_accounting(kernel_config: str) -> str:
+    """How the kernel charges CPU time, from its config: with tick sampling and no
+    IRQ_TIME_ACCOUNTING, softirq work is charged to whichever task was on the CPU."""
+    if not kernel_config:
+        return "unknown (no /proc/config.gz)"
+    if "CONFIG_IRQ_TIME_ACCOUNTING=y" in kernel_config:
+        return "irq time accounted apart (CONFIG_IRQ_TIME_ACCOUNTING)"
+    return "tick-sampled; softirq work is charged to the task it interrupts"
+
+
 def parse_kb(text: str, field: str) -> int | None:
     """``FIELD:   1234 kB`` from /proc/PID/status or /proc/meminfo, in KiB."""
     for line in text.splitlines():
@@ -449,6 +461,12 @@ def build_summary(samples: Samples, settings: dict[str, Any], rss: dict[str, Any
         notes = []
         if name == "default":
             notes.append(port_block_note(settings))
+            idle = settings.get("idle_cpu_pct")
+            if idle is not None:
+                notes.append(f"gateway CPU rows: whole snatgw process, all threads, kernel time in its "
+                             f"syscalls included (a verdict carries the packet on through the "
+                             f"kernel's forwarding), until its queue is empty; idle it used up "
+                             f"to {idle:g}% of a core, not subtracted")
         sections.append({"name": name, "title": SETUPS[name].title,
                          "columns": ("kernel NAT", "snatgw"), "rows": rows, "notes": notes})
     sections.append({
@@ -475,6 +493,25 @@ def build_summary(samples: Samples, settings: dict[str, Any], rss: dict[str, Any
     })
     if rss is not None:
         sections.append(rss_section(rss))
+        loaded = rss.get("loaded")
+        if loaded:
+            flat = Goal("ratio_ge", 0.90)
+            rows = [row(METRICS["udp_pps"], vals("snatgw", "instance", "udp_pps"),
+                        [loaded.get("udp_pps")], flat),
+                    row(METRICS["cpu_us_per_udp_pkt"], empty, [loaded.get("cpu_us_per_udp_pkt")])]
+            cpu_base = best(vals("snatgw", "instance", "cpu_us_per_udp_pkt"), False)
+            rows[1]["base"] = cpu_base
+            for r in rows:
+                r["ratio_min"] = r["ratio_max"] = None
+            if cpu_base and rows[1]["value"] is not None:
+                rows[1]["ratio"] = rows[1]["value"] / cpu_base
+            sections.append({
+                "name": "table_size",
+                "title": f"Per-packet cost and table size: UDP through the instance IP with "
+                         f"{loaded['flows']:,} idle flows in the table (after the memory phase), "
+                         "against the rounds' instance-IP row (a near-empty table)",
+                "columns": ("few flows", f"{loaded['flows']:,} flows"), "rows": rows, "notes": [],
+            })
     return sections
 
 
@@ -564,7 +601,8 @@ def render_machine(machine: dict[str, Any], settings: dict[str, Any]) -> str:
     mode = " (--quick: a smoke run, not a measurement)" if settings.get("quick") else ""
     return (f"snatgw bench {machine['date']}: {machine['cores']} cores, {machine['cpu_model']}, "
             f"kernel {machine['kernel']}, Python {machine['python']}, "
-            f"{machine['mem_total_mb']:,} MB RAM\n"
+            f"{machine['mem_total_mb']:,} MB RAM; CPU time accounting: "
+            f"{machine.get('cpu_accounting', 'unknown')}\n"
             f"{rounds} round(s) of kernel, snatgw, rules, tuned (interleaved, a fresh lab each), "
             f"{settings['duration_s']:g} s per load, best of the rounds; ratio = snatgw/kernel "
             f"of the bests (spread of the per-round ratios){mode}")
@@ -640,7 +678,11 @@ def machine_info() -> dict[str, Any]:
         except OSError:
             return ""
 
+    config = ""
+    with contextlib.suppress(OSError, EOFError, zlib.error):
+        config = gzip.decompress(Path("/proc/config.gz").read_bytes()).decode(errors="replace")
     return {
+        "cpu_accounting": cpu_accounting(config),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cores": os.cpu_count(),
         "cpu_model": parse_cpuinfo(read("/proc/cpuinfo")),
@@ -792,6 +834,11 @@ def measured(gw: GatewayProc | None, fn: Callable[[], dict[str, Any]]) -> dict[s
     q0 = nfqueue(gw.pid)
     t0 = cpu_seconds(gw.pid)
     r = fn()
+    # The window ends once the gateway has handled what is still queued, so that its CPU
+    # time and its counters cover the same packets.
+    deadline = time.monotonic() + 5.0
+    while nfqueue(gw.pid)["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.005)
     t1 = cpu_seconds(gw.pid)
     q1 = nfqueue(gw.pid)
     c1 = stats(gw)["counters"]
@@ -902,6 +949,9 @@ def run_phase(phase: str, round_no: int, args: argparse.Namespace, tmp: Path) ->
                 result["errors"].append(f"{phase}: snatgw did not start: {first}")
                 log(f"{phase}: snatgw did not start:\n{str(exc)[-1500:]}")
                 return result
+            c0 = cpu_seconds(gw.pid)
+            time.sleep(1.0)
+            result["idle_cpu_pct"] = round((cpu_seconds(gw.pid) - c0) * 100, 1)
             with contextlib.suppress(BenchError, RequestError, OSError):
                 status = request(gw.socket, "status", timeout=30.0)
                 blocks = [a.get("block_size") for a in status.get("addresses", [])
@@ -958,6 +1008,7 @@ def run_rss(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     gw: GatewayProc | None = None
     try:
         # The flows' packets end in the internet namespace without an ICMP answer.
+        start_servers(lab, args.udp_streams)
         ns_run(lab.inet, ["iptables", "-w", "-A", "INPUT", "-p", "udp", "--dport",
                           f"{FLOW_DPORT_BASE}:{FLOW_DPORT_BASE + n_dports - 1}", "-j", "DROP"])
         config = gateway_config(queue=args.queue, max_flows=max(2 * top, 262144), idle_timeout=3600,
@@ -1044,6 +1095,12 @@ def run_rss(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                             + "; bytes per flow = (VmRSS now - VmRSS before the first flow) / live flows")
         with contextlib.suppress(Exception):
             PROCS.stop(sender)
+        if "udp_pps" in args.only and out["checkpoints"] and gw.alive():
+            r = measured(gw, functools.partial(run_load, "udp_pps", lab, INSTANCE_BACKEND, args))
+            live = int(stats(gw)["flows_total"])
+            log(f"memory: with {live:,} flows in the table: {summary_line('udp_pps', r)}")
+            out["loaded"] = {"flows": live, "udp_pps": r["delivered_pps"],
+                             "cpu_us_per_udp_pkt": r["gateway"]["cpu_us_per_packet"], "raw": r}
     finally:
         try:
             if gw is not None:
@@ -1311,10 +1368,12 @@ def run(args: argparse.Namespace) -> int:
 
     samples = collect(rounds, args.rounds)
     blocks = [r.get("block_size") for r in rounds if r.get("block_size")]
+    idles = [r["idle_cpu_pct"] for r in rounds if r.get("idle_cpu_pct") is not None]
     settings = {"rounds": args.rounds, "duration_s": args.duration, "quick": args.quick,
                 "udp_streams": args.udp_streams, "cps_clients": args.cps_clients,
                 "rtt_count": args.rtt_count, "rss_flows": args.rss_flows, "prefix": args.prefix,
                 "phases": args.phases, "block_size": blocks[0] if blocks else None,
+                "idle_cpu_pct": max(idles) if idles else None,
                 "configs": {"default": gateway_config(queue=args.queue),
                             "tuned_tcp_fin_linger_s": TUNED_LINGER, "rules": RULE_COUNT}}
     summary = build_summary(samples, settings, rss, profile)

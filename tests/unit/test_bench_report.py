@@ -302,3 +302,11 @@ def test_flow_tuples_enumerate_every_pair_once() -> None:
     """Source ports vary fastest, every (sport, dport) pair once: one new flow per packet."""
     pairs = list(helper.flow_tuples((10, 12), (5, 6)))
     assert pairs == [(10, 5), (11, 5), (12, 5), (10, 6), (11, 6), (12, 6)]
+
+
+def test_cpu_accounting_says_when_softirq_time_lands_on_the_gateway() -> None:
+    """Without IRQ_TIME_ACCOUNTING the report says softirq work is charged to the running task."""
+    assert bench.cpu_accounting("CONFIG_TICK_CPU_ACCOUNTING=y\n# CONFIG_IRQ_TIME_ACCOUNTING is not set\n") \
+        .startswith("tick-sampled; softirq")
+    assert bench.cpu_accounting("CONFIG_IRQ_TIME_ACCOUNTING=y\n").startswith("irq time accounted apart")
+    assert bench.cpu_accounting("").startswith("unknown")
