@@ -280,7 +280,6 @@ class SecurityPolicy:
         }
         #: Every compiled rule, ``refs[i].index == i``.
         self.refs: list[RuleRef] = []
-        self.compiled: list[CompiledRule] = []
         self.groups: dict[str, _Group] = {}
         for g in model.security_groups:
             tables = {d: self._compile(g.name, d, g.rules) for d in (_IN, _OUT)}
@@ -326,7 +325,6 @@ class SecurityPolicy:
                 self._resolve(r.destinations),
                 merge(r.destination_ports),
             )
-            self.compiled.append(c)
             compiled.append(c)
         return Table(group, direction, compiled)
 
@@ -412,6 +410,8 @@ class SecurityPolicy:
     def _decide(
         self, tables: tuple[Table, ...], proto: int, src: int, sport: int, dst: int, dport: int
     ) -> Decision:
+        """Each table's first matching rule decides; both must allow and a deny in the
+        first ends it (docs/model.md, "Security groups"). Counts the deciding rules' hits."""
         i = tables[0].first(proto, src, sport, dst, dport)
         self.hits[i] += 1
         if len(tables) == 1 or not self._allow[i]:
