@@ -234,13 +234,11 @@ def _cover(subnet: _Group | None, nic: _Group | None) -> _Cover:
 
 
 def span_text(span: Span, top: int) -> str:
-    """An address range as an operator writes it: ``10.0.0.0/8``, ``10.0.0.1``, ``a-b``;
-    ports ``80`` or ``1024-65535``; the whole range ``*``."""
+    """An address range as an operator writes it: ``10.0.0.0/8``, ``10.0.0.1``, ``a-b``
+    (``*`` is a tag, never a range); ports ``80``, ``1024-65535`` or ``*`` for all."""
     s, e = span
-    if (s, e) == (0, top):
-        return "*"
     if top == MAX_PORT:
-        return str(s) if s == e else f"{s}-{e}"
+        return "*" if (s, e) == (0, top) else str(s) if s == e else f"{s}-{e}"
     size = e - s + 1
     if size & (size - 1) == 0 and s % size == 0:
         plen = 33 - size.bit_length()

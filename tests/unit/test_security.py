@@ -500,6 +500,29 @@ def test_effective_rules_for_all() -> None:
     assert p.effective_rules(ip("10.10.2.1")) == []
 
 
+def test_effective_rules_write_addresses_as_the_operator_did() -> None:
+    """An address is shown bare, a prefix as CIDR (0.0.0.0/0 too: only the tag is "*"), a range a-b."""
+    terms = (
+        (ip("192.0.2.9"), ip("192.0.2.9")),
+        (0, 0xFFFFFFFF),
+        net("10.0.0.0/8"),
+        (ip("10.0.0.1"), ip("10.0.0.2")),
+    )
+    p = SecurityPolicy(model(nic(rule("mix", 100, dst=terms, sports=((1024, 65535),), dports=((53, 53),)))))
+    mix = next(r for r in p.effective_rules(WEB1) if r["name"] == "mix")
+    assert mix["destination"] == "192.0.2.9, 0.0.0.0/0, 10.0.0.0/8, 10.0.0.1-10.0.0.2"
+    assert (mix["source"], mix["source_ports"], mix["destination_ports"]) == ("*", "1024-65535", "53")
+
+
+def test_effective_rules_of_a_standalone_source() -> None:
+    """A source no configuration names shows its subnet group's rules; one no group covers shows none."""
+    p = SecurityPolicy(model(subnet(rule("x", 100, IN))))
+    rows = p.effective_rules(LONE)
+    assert {r["attached"] for r in rows} == {"subnet"} and rows[0]["backend"] == "10.10.3.7"
+    assert len(rows) == 7
+    assert p.effective_rules(ip("10.99.0.1")) == []
+
+
 # -- unopened ---------------------------------------------------------------------------------
 
 
