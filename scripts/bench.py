@@ -246,6 +246,25 @@ def security_group_toml(count: int) -> str:
     return "\n".join(lines)
 
 
+def summarise_rules(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The bench group's own outbound rules in ``snatgw rules`` rows, and their hits."""
+    own = [r for r in rows if r.get("group") == "bench-nsg" and r.get("direction") == "outbound"
+           and not r.get("default")]
+    return {"rules_attached": len(own),
+            "allow_hits": sum(int(r.get("hits", 0)) for r in own if r.get("access") == "allow"),
+            "deny_hits": sum(int(r.get("hits", 0)) for r in own if r.get("access") == "deny")}
+
+
+def rules_note(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "snatgw rules was not read"
+    if check.get("error"):
+        return f"snatgw rules failed: {check['error']}"
+    return (f"snatgw rules (last round, {INSTANCE_BACKEND}): {check['rules_attached']} rules of the "
+            f"bench group; the allow rule admitted {check['allow_hits']:,} flows, the deny rules "
+            f"{check['deny_hits']:,}")
+
+
 def parse_cpuinfo(text: str) -> str:
     """The first ``model name`` of /proc/cpuinfo ("unknown" if none)."""
     for line in text.splitlines():
@@ -489,7 +508,7 @@ def build_summary(samples: Samples, settings: dict[str, Any], rss: dict[str, Any
                      vals("rules", "instance", "udp_pps"), ten),
                  row(METRICS["cps"], vals("snatgw", "instance", "cps"),
                      vals("rules", "instance", "cps"), ten)],
-        "notes": [],
+        "notes": [rules_note(settings.get("rules_check"))],
     })
     if rss is not None:
         sections.append(rss_section(rss))
@@ -923,6 +942,16 @@ def stop_gateway(gw: GatewayProc, result: dict[str, Any], phase: str) -> None:
         log(f"{phase}: snatgw exit {rc}; last log lines:\n{tail}")
 
 
+def rules_check(gw: GatewayProc) -> dict[str, Any]:
+    """What ``snatgw rules`` says of the instance backend after the rules phase: that the
+    group is attached, and that its flows went past the deny rules to the allow rule."""
+    try:
+        rows = request(gw.socket, "rules", timeout=30.0, backend=INSTANCE_BACKEND)
+    except (OSError, RequestError, ValueError) as exc:
+        return {"error": str(exc)}
+    return summarise_rules(rows)
+
+
 def run_phase(phase: str, round_no: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """A fresh lab, ``phase`` set up in it, its loads for each of its setups, all removed."""
     setups, loads = PHASES[phase]
@@ -974,6 +1003,8 @@ def run_phase(phase: str, round_no: int, args: argparse.Namespace, tmp: Path) ->
                 # The previous load's stragglers (late packets, closing connections) drain
                 # before the next one is measured.
                 time.sleep(0.3)
+        if phase == "rules" and gw is not None:
+            result["rules_check"] = rules_check(gw)
     finally:
         try:
             if gw is not None:
@@ -1369,11 +1400,13 @@ def run(args: argparse.Namespace) -> int:
     samples = collect(rounds, args.rounds)
     blocks = [r.get("block_size") for r in rounds if r.get("block_size")]
     idles = [r["idle_cpu_pct"] for r in rounds if r.get("idle_cpu_pct") is not None]
+    checks = [r["rules_check"] for r in rounds if r.get("rules_check")]
     settings = {"rounds": args.rounds, "duration_s": args.duration, "quick": args.quick,
                 "udp_streams": args.udp_streams, "cps_clients": args.cps_clients,
                 "rtt_count": args.rtt_count, "rss_flows": args.rss_flows, "prefix": args.prefix,
                 "phases": args.phases, "block_size": blocks[0] if blocks else None,
                 "idle_cpu_pct": max(idles) if idles else None,
+                "rules_check": checks[-1] if checks else None,
                 "configs": {"default": gateway_config(queue=args.queue),
                             "tuned_tcp_fin_linger_s": TUNED_LINGER, "rules": RULE_COUNT}}
     summary = build_summary(samples, settings, rss, profile)

@@ -310,3 +310,19 @@ def test_cpu_accounting_says_when_softirq_time_lands_on_the_gateway() -> None:
         .startswith("tick-sampled; softirq")
     assert bench.cpu_accounting("CONFIG_IRQ_TIME_ACCOUNTING=y\n").startswith("irq time accounted apart")
     assert bench.cpu_accounting("").startswith("unknown")
+
+
+def test_rules_check_counts_the_bench_groups_own_outbound_rules_and_their_hits() -> None:
+    """From snatgw rules rows: own outbound rules of bench-nsg, hits of the allow and deny ones."""
+    rows = [
+        {"group": "bench-nsg", "direction": "outbound", "default": False, "access": "deny", "hits": 0},
+        {"group": "bench-nsg", "direction": "outbound", "default": False, "access": "deny", "hits": 1},
+        {"group": "bench-nsg", "direction": "outbound", "default": False, "access": "allow", "hits": 42},
+        {"group": "bench-nsg", "direction": "outbound", "default": True, "access": "allow", "hits": 9},
+        {"group": "bench-nsg", "direction": "inbound", "default": True, "access": "deny", "hits": 3},
+    ]
+    check = bench.summarise_rules(rows)
+    assert check == {"rules_attached": 3, "allow_hits": 42, "deny_hits": 1}
+    assert "3 rules of the bench group; the allow rule admitted 42 flows, the deny rules 1" \
+        in bench.rules_note(check)
+    assert bench.rules_note({"error": "unknown command"}) == "snatgw rules failed: unknown command"
