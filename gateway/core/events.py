@@ -239,6 +239,25 @@ class InboundNotOpened:
     protocol: str
 
 
+@dataclass(frozen=True, slots=True)
+class MemberHealthChanged:
+    """An LB rule member went up or down as its health probe sees it
+    (docs/model.md, "Health probes"): down after ``number_of_probes`` failed
+    probes in a row (warning), up after one success (info). ``failures`` is
+    the run of failures at the change (0 when it came up)."""
+
+    name: ClassVar[str] = "member_health_changed"
+    probe: str
+    member: str
+    port: int
+    state: str
+    failures: int
+
+    @property
+    def level(self) -> str:
+        return "warning" if self.state == "down" else "info"
+
+
 Event = (
     SnatPortExhausted
     | SnatPortsHighWater
@@ -250,6 +269,7 @@ Event = (
     | FlowEnded
     | FlowDenied
     | InboundNotOpened
+    | MemberHealthChanged
 )
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.core.block import PortBlock
 from gateway.core.checksum import delta
 from gateway.core.model import Proto, Timeouts
+
+if TYPE_CHECKING:
+    from gateway.core.security import Decision
 
 
 class TcpState(IntEnum):
@@ -32,6 +35,9 @@ class TcpState(IntEnum):
     FIN_WAIT = 3
     CLOSED = 4
     RESET = 5
+    #: A flow opened from the outside: the remote's SYN went to the backend, whose
+    #: SYN-ACK has not been seen yet (docs/decisions.md, "TCP states of inbound flows").
+    SYN_RECEIVED = 6
 
 
 class TcpFlag(IntEnum):
@@ -62,6 +68,7 @@ STATE_TIMEOUT: dict[TcpState, str] = {
     TcpState.FIN_WAIT: "idle",
     TcpState.CLOSED: "tcp_fin_linger",
     TcpState.RESET: "tcp_rst_linger",
+    TcpState.SYN_RECEIVED: "idle",
 }
 
 #: How the operator's view names each state (``snatgw flows``, metrics).
@@ -76,30 +83,42 @@ _SYN_ACK = TcpFlag.SYN | TcpFlag.ACK
 ICMP = Proto.ICMP
 
 
-def timeout_for(state: int, timeouts: Timeouts) -> float:
-    """Idle seconds allowed in ``state``."""
-    t: float = getattr(timeouts, STATE_TIMEOUT[TcpState(state)])
+def timeout_for(state: int, timeouts: Timeouts, idle: float = 0.0) -> float:
+    """Idle seconds allowed in ``state``; ``idle`` (when not 0) replaces the idle
+    timeout (an LB rule's own ``idle_timeout`` on its inbound flows), never a linger."""
+    name = STATE_TIMEOUT[TcpState(state)]
+    if idle and name == "idle":
+        return idle
+    t: float = getattr(timeouts, name)
     return t
 
 
-def tcp_next_state(state: int, fins: int, flags: int, in2out: bool) -> tuple[int, int]:
+def tcp_next_state(state: int, fins: int, flags: int, in2out: bool, inbound: bool = False) -> tuple[int, int]:
     """The TCP state after a packet with ``flags``; returns (state, fins seen).
 
     FIN from both sides or any RST ends the flow after a linger; a bare SYN
-    from the backend on a closed flow reopens it (the backend reused the same
-    4-tuple, RFC 5382 REQ-5 lets a NAT keep the mapping).
+    from the side that opened the flow reopens a closed one (the same 4-tuple
+    reused: RFC 5382 REQ-5 lets a NAT keep the mapping). The answering SYN
+    establishes it: from the outside for a flow the backend opened, from the
+    backend for one opened from the outside (``inbound``).
     """
     if flags & TcpFlag.RST:
         return TcpState.RESET, fins
     if state in (TcpState.CLOSED, TcpState.RESET):
-        if in2out and flags & _SYN_ACK == TcpFlag.SYN:
-            return TcpState.SYN_SENT, 0
+        if flags & _SYN_ACK == TcpFlag.SYN:
+            if in2out:
+                return TcpState.SYN_SENT, 0
+            if inbound:
+                return TcpState.SYN_RECEIVED, 0
         return state, fins
     if flags & TcpFlag.FIN:
         fins |= FIN_IN2OUT if in2out else FIN_OUT2IN
         return (TcpState.CLOSED if fins == _FIN_BOTH else TcpState.FIN_WAIT), fins
-    if state == TcpState.SYN_SENT and not in2out and flags & TcpFlag.SYN:
-        return TcpState.ESTABLISHED, fins
+    if flags & TcpFlag.SYN:
+        if state == TcpState.SYN_SENT and not in2out:
+            return TcpState.ESTABLISHED, fins
+        if state == TcpState.SYN_RECEIVED and in2out and flags & TcpFlag.ACK:
+            return TcpState.ESTABLISHED, fins
     return state, fins
 
 
@@ -250,3 +269,12 @@ class Flow:
     trk_win: int = 0
     trk_scale: int = MAX_WSCALE
     trk_isn: int = UNKNOWN
+    #: Opened from the outside (an LB rule, an inbound NAT rule, an instance IP):
+    #: the remote started it and the flow takes no port from any block.
+    inbound: bool = False
+    #: The security verdict that admitted the flow (docs/model.md, "Security
+    #: groups"): evaluated once, when the flow was made; None for a flow made
+    #: before the table had a policy. Not saved: a restore evaluates it again.
+    decision: Decision | None = None
+    #: The flow's own idle timeout (an LB rule's ``idle_timeout``); 0: the table's.
+    idle: float = 0.0

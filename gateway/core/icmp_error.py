@@ -30,8 +30,8 @@ from __future__ import annotations
 from gateway.core.checksum import apply, checksum, ones_sum
 from gateway.core.counters import Counter
 from gateway.core.header import H_IP, Buffer, H, l4_offset
+from gateway.core.inbound import Inbound
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from gateway.core.placement import Placement
 from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Verdict
 
 ICMP_ECHO_REQUEST = 8
@@ -61,26 +61,52 @@ def icmp_checksum_ok(buf: Buffer, ihl: int, n: int) -> bool:
 _OUT2IN, _IN2OUT, _LOCAL_OUT = 0, 1, 2
 
 
-class IcmpErrors(Placement):
+class IcmpErrors(Inbound):
     """The ICMP error translation both per-packet paths hand errors to, and
     the entry point for the host's own errors."""
 
     def local_out(self, buf: Buffer, now: float) -> Verdict:
-        """An ICMP error the gateway host sends on the outside (mangle OUTPUT).
+        """A packet the gateway host itself sends (mangle OUTPUT): an ICMP error on
+        the outside, or a TCP SYN toward a backend on the inside (a health probe).
 
-        One that quotes a translated return packet leaves quoting the flow's
-        public address and port; one quoting a backend without a flow is
-        dropped (``drop_local_icmp_no_flow``); one that quotes nothing of
-        ours (the host's own business) is accepted unchanged.
+        An error that quotes a translated return packet leaves quoting the
+        flow's public address and port; one quoting a backend without a flow
+        is dropped (``drop_local_icmp_no_flow``); one that quotes nothing of
+        ours (the host's own business) is accepted unchanged. A SYN is held to
+        the backend's inbound security rules (:meth:`_local_syn`).
         """
         n = len(buf)
         ihl = l4_offset(buf, n)
         if ihl < 0:
             self.counters[-ihl] += 1
             return DROP
-        if buf[9] != PROTO_ICMP or buf[ihl] not in ICMP_ERRORS:
+        proto = buf[9]
+        if proto == PROTO_TCP and buf[ihl + 13] & 0x17 == 0x02:
+            return self._local_syn(buf, ihl, now)
+        if proto != PROTO_ICMP or buf[ihl] not in ICMP_ERRORS:
             return ACCEPT
         return self._icmp_error(buf, ihl, n, _LOCAL_OUT)
+
+    def _local_syn(self, buf: Buffer, ihl: int, now: float) -> Verdict:
+        """A SYN the gateway host sends toward a backend: a health probe (from the
+        AzureLoadBalancer address) meets the backend's inbound security rules as
+        any flow to it would, so a group that denies that tag makes the probe
+        fail, as the article warns (docs/model.md, "Health probes"). Denied by a
+        rule: dropped (``drop_security_denied``, per backend and rule). A backend
+        no group covers is not held to ``inbound_default``, which is about the
+        outside (Azure probes a backend without a group). Anything else,
+        and a SYN to an address that is no backend, passes unchanged."""
+        dst = int.from_bytes(buf[16:20], "big")
+        if dst not in self.backends and dst not in self.health.members:
+            return ACCEPT
+        src = int.from_bytes(buf[12:16], "big")
+        sport = buf[ihl] << 8 | buf[ihl + 1]
+        dport = buf[ihl + 2] << 8 | buf[ihl + 3]
+        d = self.security.inbound(dst, PROTO_TCP, src, sport, dst, dport)
+        if d.allowed or not d.rules:
+            return ACCEPT
+        self._deny(dst, d, src, dport, PROTO_TCP, now)
+        return DROP
 
     def _icmp_error(self, buf: Buffer, ihl: int, n: int, way: int) -> Verdict:
         """Translate an ICMP error about a live flow; drop (counted) anything else.

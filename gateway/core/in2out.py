@@ -16,7 +16,14 @@ from gateway.core.checksum import apply
 from gateway.core.counters import Counter
 from gateway.core.flow import TCP_ACK_WIN, Flow
 from gateway.core.header import H_IP, KEY, UDP_HEADER, Buffer, H, l4_offset
-from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
+from gateway.core.icmp_error import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMP_ERRORS,
+    ZERO2,
+    IcmpErrors,
+    icmp_checksum_ok,
+)
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED, DROP, Verdict
 
@@ -97,18 +104,26 @@ class In2Out(IcmpErrors):
         return self._new_flow(buf, ihl, PROTO_TCP, key, now)
 
     def _icmp_in2out(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
-        """An echo request (its identifier is translated like a port) or an error.
-        An echo with a wrong ICMP checksum is dropped before it can open a flow
-        (``drop_bad_checksum``, RFC 792; the incremental update would pass it on)."""
+        """An echo request (its identifier is translated like a port), an echo reply
+        to a ping opened from the outside, or an error. An echo with a wrong ICMP
+        checksum is dropped before it can open a flow (``drop_bad_checksum``, RFC
+        792; the incremental update would pass it on)."""
         typ = buf[ihl]
-        if typ == ICMP_ECHO_REQUEST:
+        if typ in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY):
             if not icmp_checksum_ok(buf, ihl, n):
                 self.counters[_D_BAD_CHECKSUM] += 1
                 return DROP
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
-            f = self._icmp_inside.get(key) or self._new_flow(buf, ihl, PROTO_ICMP, key, now)
-            if f is None:
-                return DROP
+            f = self._icmp_inside.get(key)
+            if typ == ICMP_ECHO_REPLY:
+                # Only a backend answering a ping opened from the outside (an instance IP).
+                if f is None or not f.inbound:
+                    self.counters[_D_UNSUPPORTED] += 1
+                    return DROP
+            elif f is None:
+                f = self._new_flow(buf, ihl, PROTO_ICMP, key, now)
+                if f is None:
+                    return DROP
             f.last_seen = now
             f.pkts_out += 1
             f.bytes_out += n

@@ -37,6 +37,7 @@ from gateway.core.flow import (
     timeout_for,
 )
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP
+from gateway.core.security import Decision
 from gateway.core.state import Buffer, TableState
 
 #: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
@@ -58,12 +59,14 @@ class FlowLifecycle(TableState):
     """Starting, ending and expiring flows."""
 
     def _create_flow(
-        self, buf: Buffer, ihl: int, proto: int, key: bytes, be: Backend, now: float
+        self, buf: Buffer, ihl: int, proto: int, key: bytes, be: Backend, now: float,
+        decision: Decision | None = None,
     ) -> Flow | None:
         """The flow for ``be``'s first packet toward a destination: a port from its
         block (endpoint-dependent, docs/model.md "PAT") or, for an instance IP,
         its own port; None (counted, with an event) when no port is free or a
-        flow cap refuses it."""
+        flow cap refuses it. ``decision``: the security verdict that admitted it,
+        kept on the flow."""
         if not self._admit(be, proto, now):
             return None
         backend_b = bytes(buf[12:16])
@@ -119,6 +122,7 @@ class FlowLifecycle(TableState):
             created=now,
             last_seen=now,
             timeout=self.timeouts.idle,
+            decision=decision,
         )
         if proto == PROTO_TCP:
             f.state = first_state(buf[ihl + 13])
@@ -134,7 +138,8 @@ class FlowLifecycle(TableState):
         if not f.pkts_in:
             be.unreplied[f] = None
         self.flows_live += 1
-        be.created += 1
+        if not f.inbound:
+            be.created += 1
         self.wheel.schedule(f, f.last_seen + f.timeout)
         self.counters[Counter.FLOWS_CREATED] += 1
 
@@ -182,6 +187,12 @@ class FlowLifecycle(TableState):
                 f.trk_scale = syn_wscale(buf, ihl, (doff >> 4) << 2)
                 f.trk_ack = UNKNOWN
                 f.trk_win = 0
+            elif f.state == TcpState.SYN_RECEIVED and flags & TcpFlag.ACK and not flags & TcpFlag.RST:
+                # The backend answers a flow opened from the outside: its SYN-ACK
+                # announces its window shift and acknowledges the remote's SYN.
+                f.trk_scale = syn_wscale(buf, ihl, (doff >> 4) << 2)
+                f.trk_ack = ack
+                f.trk_win = win
             return
         if flags & TcpFlag.ACK and not flags & TcpFlag.RST:
             f.trk_ack = ack
@@ -221,12 +232,12 @@ class FlowLifecycle(TableState):
 
     def _tcp_flags(self, f: Flow, flags: int, in2out: bool, now: float) -> None:
         """Apply a FIN, SYN or RST to ``f``'s state (the rules: :func:`tcp_next_state`)."""
-        state, fins = tcp_next_state(f.state, f.fins, flags, in2out)
+        state, fins = tcp_next_state(f.state, f.fins, flags, in2out, f.inbound)
         f.fins = fins
         if state == f.state:
             return
         f.state = state
-        f.timeout = timeout_for(state, self.timeouts)
+        f.timeout = timeout_for(state, self.timeouts, f.idle)
         self.wheel.schedule(f, now + f.timeout)
 
     def _expire(self, now: float) -> None:
@@ -274,10 +285,21 @@ class FlowLifecycle(TableState):
             if not line:
                 return False
             f, _none = line.popitem(last=False)
-            if not f.pkts_in and self.inside[f.proto].get(f.inside_key) is f:
+            # The reply of an inbound flow is the backend's answer.
+            if not (f.pkts_out if f.inbound else f.pkts_in) and self.inside[f.proto].get(f.inside_key) is f:
                 self.end_flow(f, EndReason.EARLY_DROP, now)
                 return True
         return False
+
+    def _deny(self, backend: int, decision: Decision, remote: int, port: int, proto: int, now: float) -> None:
+        """Count a new flow a security group (or ``inbound_default``) denied, per
+        backend and rule in the policy, with its rate-limited ``flow_denied`` event
+        (docs/model.md, "Security groups"). ``remote``/``port``: the far side and the
+        backend's port (inbound), the destination and its port (outbound)."""
+        self.counters[Counter.DROP_SECURITY_DENIED] += 1
+        ev = self.security.record_denial(backend, decision, remote, port, proto, now)
+        if ev is not None:
+            self.events.append(ev)
 
     def _refuse(self, be: Backend, proto: int, limit: str, cap: int, now: float) -> None:
         """Count a new flow refused at a cap; at most one ``flow_limit_reached`` per

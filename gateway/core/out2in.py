@@ -7,6 +7,11 @@ address is dropped and counted, never delivered to the gateway's own stack
 or a backend (docs/kernel.md, "Diverting packets"). The verdict asks for the
 "translated" mark, the only thing the FORWARD filter lets from the outside
 to the inside.
+
+A packet that matches no flow may open one when an LB rule, an inbound NAT
+rule or an instance IP serves its destination
+(:meth:`~gateway.core.inbound.Inbound._open_inbound`); that branch is taken
+only after the dict lookup missed, so a live flow's packet costs what it did.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
 from gateway.core.header import KEY, UDP_HEADER, Buffer, H, l4_offset
-from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
+from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP, Verdict
 
@@ -41,8 +46,9 @@ class Out2In(IcmpErrors):
         if proto == PROTO_UDP:
             f = self._udp_outside.get(key)
             if f is None:
-                self.counters[_D_NO_FLOW] += 1
-                return DROP
+                f = self._open_inbound(buf, ihl, PROTO_UDP, key, now)
+                if f is None:
+                    return DROP
             sp, _dp, ln, c = UDP_HEADER.unpack_from(buf, ihl)
             if c:  # 0: sent without a checksum (RFC 768); stays 0, a result lands in 1..0xFFFF
                 c = (c - f.out2in_l4 - 1) % 0xFFFF + 1
@@ -50,8 +56,9 @@ class Out2In(IcmpErrors):
         elif proto == PROTO_TCP:
             f = self._tcp_outside.get(key)
             if f is None:
-                self.counters[_D_NO_FLOW] += 1
-                return DROP
+                f = self._open_inbound(buf, ihl, PROTO_TCP, key, now)
+                if f is None:
+                    return DROP
             if buf[ihl + 13] & 7 and not self._tcp_out2in_flags(f, buf, ihl, now):
                 return DROP
             H.pack_into(buf, ihl + 2, f.backend_port)
@@ -73,20 +80,37 @@ class Out2In(IcmpErrors):
         return ACCEPT_MODIFIED_MARK
 
     def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
-        """An echo reply to a live echo flow, or an error about a live flow; any
-        other protocol or ICMP type has no flow here. An echo reply with a wrong
-        ICMP checksum is dropped (``drop_bad_checksum``) and refreshes nothing."""
+        """An echo reply to a live echo flow, an echo request to an instance IP (a
+        flow opened from the outside), or an error about a live flow; any other
+        protocol has no flow here. An echo with a wrong ICMP checksum is dropped
+        (``drop_bad_checksum``): it opens and refreshes nothing."""
         typ = buf[ihl]
         if buf[9] == PROTO_ICMP and typ in ICMP_ERRORS:
             return self._icmp_error(buf, ihl, n, False)
         f = None
-        if buf[9] == PROTO_ICMP and typ == ICMP_ECHO_REPLY:
-            f = self._icmp_outside.get(bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6]))
-        if f is None:
+        if buf[9] == PROTO_ICMP:
+            key = bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
+            f = self._icmp_outside.get(key)
+            if typ == ICMP_ECHO_REQUEST and (f is None or not f.inbound):
+                # A ping to an instance IP (docs/model.md, "Inbound"); a request
+                # never rides a flow the backend opened.
+                if f is not None:
+                    self.counters[_D_NO_FLOW] += 1
+                    return DROP
+                if not icmp_checksum_ok(buf, ihl, n):
+                    self.counters[_D_BAD_CHECKSUM] += 1
+                    return DROP
+                f = self._open_inbound(buf, ihl, PROTO_ICMP, key, now)
+                if f is None:
+                    return DROP
+            elif f is None:
+                self.counters[_D_NO_FLOW] += 1
+                return DROP
+            elif not icmp_checksum_ok(buf, ihl, n):
+                self.counters[_D_BAD_CHECKSUM] += 1
+                return DROP
+        else:
             self.counters[_D_NO_FLOW] += 1
-            return DROP
-        if not icmp_checksum_ok(buf, ihl, n):
-            self.counters[_D_BAD_CHECKSUM] += 1
             return DROP
         buf[16:20] = f.backend_b
         H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.out2in_ip))

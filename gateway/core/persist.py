@@ -55,8 +55,10 @@ FORMAT = "snatgw-state"
 VERSION = 1
 #: Flow fields holding a time of the table's monotonic clock (saved as ages).
 TIME_FIELDS = frozenset({"created", "last_seen"})
-#: Flow fields that are references to other objects; restore rebuilds them.
-REFERENCE_FIELDS = frozenset({"block", "wheel_slot", "wheel_tick"})
+#: Flow fields that are references to other objects; restore rebuilds them
+#: (``decision``: a restore asks the security groups of the configuration it
+#: starts with, docs/decisions.md "Restore re-checks the rules").
+REFERENCE_FIELDS = frozenset({"block", "wheel_slot", "wheel_tick", "decision"})
 #: Rows per chunk of :func:`encode_chunks` (about 0.5 ms of work): the saver
 #: sleeps between chunks, so the loop thread never waits long for the interpreter.
 ENCODE_CHUNK = 100
@@ -87,6 +89,7 @@ FIXED_FIELDS = frozenset({
     "proto", "scenario", "inside_key", "outside_key", "backend", "backend_port", "backend_b",
     "backend_port_b", "public", "public_port", "public_b", "public_port_b", "remote",
     "remote_port", "dest", "in2out_ip", "in2out_l4", "out2in_ip", "out2in_l4", "created",
+    "inbound", "idle",
 })
 _FIXED = tuple(n for n in _NAMES if n in FIXED_FIELDS)
 _CHANGING = tuple(n for n in _NAMES if n not in FIXED_FIELDS)

@@ -23,9 +23,19 @@ class Placement(Reconfigure):
     """Which backend an in2out packet without a flow belongs to."""
 
     def _new_flow(self, buf: Buffer, ihl: int, proto: int, key: bytes, now: float) -> Flow | None:
-        """Create the flow for a first in2out packet; None (counted) when there is
-        no public address for its source or no port for its destination."""
+        """Create the flow for a first in2out packet; None (counted) when its
+        security groups deny it (before any port or placement is taken), there
+        is no public address for its source or no port for its destination.
+
+        ``key`` carries the ports (an echo's identifier as the source port, 0 as
+        the destination's) the outbound rules look at."""
         src = int.from_bytes(buf[12:16], "big")
+        dst = int.from_bytes(buf[16:20], "big")
+        dport = key[10] << 8 | key[11]
+        decision = self.security.outbound(src, proto, src, key[8] << 8 | key[9], dst, dport)
+        if not decision.allowed:
+            self._deny(src, decision, dst, dport, proto, now)
+            return None
         be = self.backends.get(src)
         if be is None:
             be = self._add_standalone(src)
@@ -33,7 +43,7 @@ class Placement(Reconfigure):
             if be is None:
                 self.counters[Counter.DROP_NO_PUBLIC_ADDRESS] += 1
                 return None
-        return self._create_flow(buf, ihl, proto, key, be, now)
+        return self._create_flow(buf, ihl, proto, key, be, now, decision)
 
     def _add_standalone(self, src: int) -> Backend | None:
         """Give a source seen for the first time a default SNAT address and a block.

@@ -37,6 +37,7 @@ from gateway.core.flow import EndReason, Flow, timeout_for
 from gateway.core.lifecycle import FlowLifecycle
 from gateway.core.model import PROTO_NAMES, GatewayModel
 from gateway.core.scenario import plan
+from gateway.core.security import SecurityPolicy
 from gateway.core.tier import ports_per_backend
 
 #: Keys of the summary :meth:`Reconfigure.reconfigure` returns (``config_reloaded``).
@@ -73,9 +74,13 @@ class Reconfigure(FlowLifecycle):
         public addresses that go end all their flows; backends that leave or
         change scenario or address end theirs; each PAT address moves to the
         tier of its new member count; new backends get blocks; changed
-        timeouts re-arm live flows. Returns counts for ``config_reloaded``.
+        timeouts re-arm live flows; the security groups are compiled afresh
+        (hit counts of rules that stay carry over) and every inbound path no
+        rule opens that was not reported yet is (``inbound_not_opened``).
+        Returns counts for ``config_reloaded``.
         """
         p = plan(model)
+        security = SecurityPolicy(model, previous=getattr(self, "security", None))
         before = self._ended_total()
         summary = dict.fromkeys(SUMMARY_KEYS, 0)
         for ip, addr in list(self.addresses.items()):
@@ -130,8 +135,14 @@ class Reconfigure(FlowLifecycle):
         if model.timeouts != self.timeouts:
             for flows in self.inside.values():
                 for f in flows.values():
-                    f.timeout = timeout_for(f.state, model.timeouts)
+                    f.timeout = timeout_for(f.state, model.timeouts, f.idle)
                     self.wheel.schedule(f, f.last_seen + f.timeout)
+        # New rules apply to new flows; live flows keep the decision that admitted
+        # them (Azure's behaviour; docs/decisions.md, "Reload and live flows").
+        self.security = security
+        unopened = security.unopened()
+        self.events += [e for e in unopened if e not in self._unopened]
+        self._unopened = frozenset(unopened)
         self.model = model
         self.timeouts = model.timeouts
         summary["flows_ended"] = self._ended_total() - before

@@ -8,7 +8,13 @@ scenario and public address, or for a standalone backend a default SNAT
 address that is still one); flows of backends that moved are dropped and
 counted. Blocks get back the chunks they had, so every restored flow keeps
 its public port; a flow whose port is no longer in its block (the tier
-changed with the configuration) is dropped and counted.
+changed with the configuration) is dropped and counted. An inbound flow
+needs no block; it needs the rule (LB rule, inbound NAT rule, instance IP)
+that delivered it to still deliver its public address and port to its
+backend and port. Every flow is then asked again of the current security
+groups and dropped if they deny it: the file does not say which rules
+admitted it, so a restore fails closed (docs/decisions.md, "Restore re-checks
+the rules"). Member health is not saved: probed members start down.
 
 Pure: no IO, ``now`` and ``wall`` are passed in.
 """
@@ -27,6 +33,7 @@ from gateway.core.errors import StateError
 from gateway.core.flow import Flow, TcpState, l4_deltas, timeout_for
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES
 from gateway.core.persist import FIELD_KINDS, FORMAT, REQUIRED_FIELDS, TIME_FIELDS, VERSION, BackendRecord
+from gateway.core.security import Decision
 from gateway.core.table import TranslationTable
 from gateway.core.tier import ports_per_backend
 
@@ -47,6 +54,8 @@ class RestoreSummary:
     dropped_port: int = 0
     #: Flows whose keys collide with a flow restored before them.
     dropped_conflict: int = 0
+    #: Flows the security groups of the current configuration deny (fail closed).
+    dropped_denied: int = 0
     standalone_backends: int = 0
     #: Backends whose flows were dropped because their placement changed (at most 20 listed).
     changed_backends: list[int] = field(default_factory=list)
@@ -143,6 +152,8 @@ def _check_flow(v: dict[str, Any], what: str) -> None:
             raise _fail(f"{what}.{name}: does not match the flow's addresses and ports")
     if v["timeout"] < 0:
         raise _fail(f"{what}.timeout: negative")
+    if v.get("idle", 0.0) < 0:
+        raise _fail(f"{what}.idle: negative")
 
 
 #: Integer fields whose range the restore relies on.
@@ -275,6 +286,34 @@ def _lay_out(table: TranslationTable, addr: PublicAddress, saved: dict[int, Back
         be.block = PortBlock(addr.ip, mine)
 
 
+def _opening(table: TranslationTable, v: dict[str, Any]) -> bool | None:
+    """Whether the configuration still delivers a saved inbound flow's public address
+    and port to its backend and port: None if not (the flow is dropped), else the
+    ``opening`` its security check takes (a classic endpoint)."""
+    proto, public, backend = v["proto"], v["public"], v["backend"]
+    t = table.inbound_index.get((proto, public, v["public_port"])) if proto != PROTO_ICMP else None
+    if t is not None:
+        if backend in t.members and v["backend_port"] == t.backend_port:
+            return t.opening
+        return None
+    if table.instance_inbound.get(public) == backend and v["backend_port"] == v["public_port"]:
+        return False
+    return None
+
+
+def _recheck(table: TranslationTable, v: dict[str, Any], inbound: bool, opening: bool) -> Decision:
+    """A saved flow asked again of the current security groups (fail closed: the
+    file says nothing about the rules that admitted it)."""
+    sec = table.security
+    if inbound:
+        return sec.inbound(
+            v["backend"], v["proto"], v["remote"], v["remote_port"], v["backend"], v["backend_port"],
+            opening=opening,
+        )  # fmt: skip
+    backend = v["backend"]
+    return sec.outbound(backend, v["proto"], backend, v["backend_port"], v["remote"], v["remote_port"])
+
+
 def restore(
     table: TranslationTable, data: bytes | str | dict[str, Any], now: float, wall: float
 ) -> RestoreSummary:
@@ -283,7 +322,10 @@ def restore(
     Raises :class:`StateError` (and changes nothing) when the file is not one
     this version wrote or contradicts itself. Otherwise every flow that is
     still within its timeout, whose backend is placed as before and whose port
-    is still in that backend's block, is back under the same keys and port.
+    is still in that backend's block (an inbound flow: whose LB rule, inbound
+    NAT rule or instance IP still delivers it), and that the current security
+    groups allow, is back under the same keys and port. Member health is not
+    saved: every probed member starts down.
     """
     if table.flow_count():
         raise StateError("restore needs a table without flows (it runs at start)")
@@ -296,7 +338,7 @@ def restore(
     live: dict[int, list[tuple[_SavedFlow, float]]] = {}
     for sf in flows:
         v = sf.values
-        timeout = timeout_for(v.get("state", TcpState.ACTIVE), timeouts)
+        timeout = timeout_for(v.get("state", TcpState.ACTIVE), timeouts, v.get("idle", 0.0))
         idle = sf.ages.get("last_seen", 0.0) + elapsed
         if idle >= timeout:
             summary.expired += 1
@@ -339,21 +381,35 @@ def restore(
         for sf, timeout in live[ip]:
             v = sf.values
             proto = v["proto"]
-            if v["public"] != be.address.ip or v["scenario"] != be.scenario:
+            inbound = v.get("inbound", False)
+            opening = _opening(table, v) if inbound else False
+            if opening is None or (
+                not inbound and (v["public"] != be.address.ip or v["scenario"] != be.scenario)
+            ):
                 summary.dropped_config += 1
                 continue
             if v["inside_key"] in inside[proto] or v["outside_key"] in outside[proto]:
                 summary.dropped_conflict += 1
                 continue
+            decision = _recheck(table, v, inbound, opening)
+            if not decision.allowed:
+                summary.dropped_denied += 1
+                continue
             port = v["public_port"]
-            # An instance IP's flow keeps the backend's own port; a PAT flow its block's.
-            ok = port == v["backend_port"] if block is None else block.reserve(proto, port, v["dest"])
+            # An instance IP's flow keeps the backend's own port; a PAT flow its block's;
+            # an inbound flow the frontend's (or instance IP's) port the remote chose.
+            if inbound:
+                ok = True
+            elif block is None:
+                ok = port == v["backend_port"]
+            else:
+                ok = block.reserve(proto, port, v["dest"])
             if not ok:
                 summary.dropped_port += 1
                 continue
             kw: dict[str, Any] = {name: now - sf.ages.get(name, 0.0) - elapsed for name in TIME_FIELDS}
             kw.update(v)
-            f = Flow(**kw, block=block)
+            f = Flow(**kw, block=None if inbound else block, decision=decision)
             f.timeout = timeout
             table._add_flow(f, be)
             summary.restored += 1

@@ -9,6 +9,7 @@ job is a class in a module of its own, and each calls only the jobs below it:
 ``lifecycle``         a flow starts, changes TCP state, expires, ends
 ``reconfigure``       reload, tier moves, excluded ports, idle release
 ``placement``         which backend a new inside source is, standalone placement
+``inbound``           flows opened from the outside, member health
 ``icmp_error``        ICMP errors about a flow, both ways
 ``in2out``            the per-packet path from a backend to the outside
 ``out2in``            the per-packet path back to a backend
@@ -29,6 +30,7 @@ from gateway.core.events import Event
 from gateway.core.flow import Flow
 from gateway.core.header import Buffer
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
+from gateway.core.security import SecurityPolicy
 from gateway.core.wheel import TimerWheel
 
 __all__ = ["Buffer", "FlowMap", "TableState"]
@@ -44,6 +46,10 @@ class TableState:
     flows, ``outside[proto]`` outside keys (what an out2in packet carries);
     every flow is in both, under the keys it owns (:mod:`gateway.core.flow`).
     """
+
+    #: The compiled security groups of the current configuration (set by the
+    #: first ``reconfigure``, rebuilt by every reload).
+    security: SecurityPolicy
 
     def __init__(self, model: GatewayModel, now: float, rng: Random | None = None) -> None:
         self.model = model
@@ -81,3 +87,6 @@ class TableState:
         self._tcp_outside = self.outside[PROTO_TCP]
         self._udp_outside = self.outside[PROTO_UDP]
         self._icmp_outside = self.outside[PROTO_ICMP]
+        #: The ``inbound_not_opened`` events already emitted (once each, docs/model.md
+        #: "Security groups"); a reload emits only the ones it adds.
+        self._unopened: frozenset[Event] = frozenset()

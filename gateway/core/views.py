@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from gateway.core.address import SCENARIO_NAMES, Backend, ip_str
 from gateway.core.block import CHUNK_SHIFT
-from gateway.core.flow import STATE_NAMES
+from gateway.core.flow import STATE_NAMES, Flow
 from gateway.core.model import PROTO_NAMES
 from gateway.core.table import TranslationTable
 from gateway.core.tier import PORT_MIN
@@ -39,6 +39,18 @@ class FlowRecord(NamedTuple):
     bytes_out: int
     pkts_in: int
     bytes_in: int
+    inbound: bool
+    #: The label of the security decision that admitted the flow ("" when none).
+    rule: str
+
+
+def _record(f: Flow) -> FlowRecord:
+    d = f.decision
+    return FlowRecord(
+        f.proto, f.backend, f.backend_port, f.public, f.public_port, f.remote, f.remote_port, f.scenario,
+        f.state, f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in, f.bytes_in, f.inbound,
+        d.label if d is not None else "",
+    )  # fmt: skip
 
 
 def flow_records(
@@ -58,12 +70,7 @@ def flow_records(
             flows_ = [f for f in be.flows if f.proto == p] if be is not None else []
         else:
             flows_ = list(d.values())
-        out += [
-            FlowRecord(p, f.backend, f.backend_port, f.public, f.public_port, f.remote, f.remote_port,
-                       f.scenario, f.state, f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in,
-                       f.bytes_in)
-            for f in flows_
-        ]  # fmt: skip
+        out += [_record(f) for f in flows_]
     return out
 
 
@@ -81,6 +88,9 @@ def flow_rows(records: list[FlowRecord], now: float) -> list[dict[str, Any]]:
                 "remote": ip_str(r.remote),
                 "remote_port": r.remote_port,
                 "scenario": SCENARIO_NAMES[r.scenario],
+                # "in": opened from the outside (docs/model.md, "Inbound").
+                "direction": "in" if r.inbound else "out",
+                "rule": r.rule,
                 "state": STATE_NAMES[r.state],
                 "age": round(now - r.created, 3),
                 "idle": round(now - r.last_seen, 3),
@@ -172,11 +182,13 @@ def stats(table: TranslationTable) -> dict[str, Any]:
             states[name] = states.get(name, 0) + 1
         by[PROTO_NAMES[p]] = states
     failed = c["drop_exhausted"] + c["drop_no_public_address"]
+    # Flows opened from the outside are no SNAT connections.
+    snat = c["flows_created"] - c["inbound_flows_created"]
     return {
         "counters": c,
         "flows": by,
         "flows_total": table.flow_count(),
-        "snat_connections": {"attempted": c["flows_created"] + failed, "failed": failed},
+        "snat_connections": {"attempted": snat + failed, "failed": failed},
         "flows_ended": {k[len("flows_ended_") :]: v for k, v in c.items() if k.startswith("flows_ended_")},
         "drops": {k[len("drop_") :]: v for k, v in c.items() if k.startswith("drop_")},
         "tier_changes": table.tier_changes,
@@ -215,7 +227,42 @@ def status(table: TranslationTable) -> dict[str, Any]:
                 "tier": front.tier if front is not None else None,
             }
         )
-    return {"addresses": addresses, "pools": pools, "flows": table.flow_count()}
+    return {"addresses": addresses, "pools": pools, "flows": table.flow_count(), "health": health(table)}
+
+
+def health(
+    table: TranslationTable, now: float | None = None, wall: float | None = None
+) -> list[dict[str, Any]]:
+    """Every probed (probe, member) pair (docs/model.md, "Health probes"): its
+    state, since when (the table's clock; a wall time when ``now`` and ``wall``
+    are given), its failures in a row and the LB rules that use it."""
+    pools = {p.name: set(p.members) for p in table.model.pools}
+    using: dict[tuple[str, int], list[str]] = {}
+    for r in table.model.lb_rules:
+        if r.probe:
+            for m in sorted(pools.get(r.pool, ())):
+                using.setdefault((r.probe, m), []).append(r.name)
+    rows = []
+    for (probe, member), h in table.health.pairs.items():
+        since = h.since if now is None or wall is None else wall - (now - h.since)
+        rows.append(
+            {
+                "probe": probe,
+                "member": ip_str(member),
+                "state": "up" if h.up else "down",
+                "since": since,
+                "failures": h.failures,
+                "rules": using.get((probe, member), []),
+            }
+        )
+    return rows
+
+
+def rules(table: TranslationTable, backend: int | None = None) -> list[dict[str, Any]]:
+    """``snatgw rules``: every rule that applies to ``backend`` (all backends: None),
+    per direction in evaluation order, Azure's defaults included, with hit counts
+    (docs/model.md, "Security groups")."""
+    return [dict(r) for r in table.security.effective_rules(backend)]
 
 
 def who(
@@ -275,13 +322,5 @@ def who(
         "flows": len(holder.flows),
     }
     mine = [f for f in holder.flows if f.public_port == port and (proto is None or f.proto == proto)]
-    out["flows"] = flow_rows(
-        [
-            FlowRecord(f.proto, f.backend, f.backend_port, f.public, f.public_port, f.remote, f.remote_port,
-                       f.scenario, f.state, f.created, f.last_seen, f.pkts_out, f.bytes_out, f.pkts_in,
-                       f.bytes_in)
-            for f in mine
-        ],
-        now,
-    )  # fmt: skip
+    out["flows"] = flow_rows([_record(f) for f in mine], now)
     return out

@@ -74,6 +74,8 @@ def test_flows_lists_every_flow_oldest_first_with_all_fields() -> None:
         "remote": SERVER,
         "remote_port": 5000,
         "scenario": "lb",
+        "direction": "out",
+        "rule": "no group",
         "state": "active",
         "age": 9.0,
         "idle": 4.0,

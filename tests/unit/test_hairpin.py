@@ -1,0 +1,97 @@
+"""Hairpinning: a backend reaching a public address of the gateway (RFC 4787 REQ-9,
+RFC 5382 REQ-8; docs/model.md, "Hairpinning")."""
+
+from __future__ import annotations
+
+from gateway.core.model import Distribution, InboundNatRule, LbRule, Pool
+from gateway.core.packet import checksums_ok, describe
+from gateway.core.table import TranslationTable
+from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
+from tests.unit.conftest import (
+    DEFAULTS,
+    FRONTEND,
+    INSTANCE,
+    INSTANCE_PUBLIC,
+    POOL,
+    STANDALONE,
+    echo,
+    ip,
+    tcp,
+    udp,
+)
+from tests.unit.test_inbound import inbound_model
+
+
+def hairpin(t: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[str, int, str, int]:
+    """Hairpin ``pkt`` (it must pass with valid checksums): its new src, sport, dst, dport."""
+    assert t.hairpin(pkt, now) == ACCEPT_MODIFIED_MARK
+    assert checksums_ok(pkt)
+    s = describe(pkt)
+    return s.src, s.sport, s.dst, s.dport
+
+
+def test_a_standalone_reaches_an_lb_frontend_and_the_member_sees_its_public_address() -> None:
+    """Standalone -> frontend:80 reaches a member:8080 from its default SNAT ip:port; the answer returns."""
+    t = TranslationTable(inbound_model(), 0.0)
+    src, sport, dst, dport = hairpin(t, tcp(STANDALONE, FRONTEND, 40000, 80))
+    assert src in DEFAULTS and dst in POOL and dport == 8080
+    back = hairpin(t, tcp(dst, src, 8080, sport, "SA"), 0.1)
+    assert back == (FRONTEND, 80, STANDALONE, 40000)
+    assert t.counters_dict()["hairpin_translated"] == 2
+
+
+def test_hairpin_to_an_instance_ip_sees_the_senders_frontend_address() -> None:
+    """A pool member reaching an instance IP arrives from the frontend and one of its block's ports."""
+    t = TranslationTable(inbound_model(), 0.0)
+    src, sport, dst, dport = hairpin(t, udp(POOL[0], INSTANCE_PUBLIC, 40000, 5000))
+    assert (src, dst, dport) == (FRONTEND, INSTANCE, 5000) and sport >= 1024
+    assert hairpin(t, udp(INSTANCE, FRONTEND, 5000, sport), 0.1) == (INSTANCE_PUBLIC, 5000, POOL[0], 40000)
+
+
+def test_a_member_that_lands_on_itself_gets_its_own_connection_back() -> None:
+    """With one member, a member reaching its own frontend is delivered to itself, from frontend:port."""
+    m = inbound_model(pools=(Pool("web", (ip(POOL[0]),)),))
+    t = TranslationTable(m, 0.0)
+    src, sport, dst, dport = hairpin(t, tcp(POOL[0], FRONTEND, 40000, 80))
+    assert (src, dst, dport) == (FRONTEND, POOL[0], 8080) and sport != 80
+    assert hairpin(t, tcp(POOL[0], FRONTEND, 8080, sport, "SA"), 0.1) == (FRONTEND, 80, POOL[0], 40000)
+
+
+def test_ping_an_instance_ip_from_the_inside() -> None:
+    """An echo to an instance IP hairpins, and its reply comes back to the pinger's own id."""
+    t = TranslationTable(inbound_model(), 0.0)
+    src, ident, dst, _ = hairpin(t, echo(STANDALONE, INSTANCE_PUBLIC, 99))
+    assert src in DEFAULTS and dst == INSTANCE
+    back = hairpin(t, echo(INSTANCE, src, ident, reply=True), 0.1)
+    assert (back[0], back[1], back[2]) == (INSTANCE_PUBLIC, 99, STANDALONE)
+
+
+def test_hairpin_to_an_inbound_nat_rule() -> None:
+    """A backend reaches another through an inbound NAT rule's port."""
+    m = inbound_model(inbound_nat_rules=(InboundNatRule("ssh", "fe-web", "tcp", 50001, ip(POOL[1]), 22),))
+    t = TranslationTable(m, 0.0)
+    src, _sport, dst, dport = hairpin(t, tcp(INSTANCE, FRONTEND, 40000, 50001))
+    assert (src, dst, dport) == (INSTANCE_PUBLIC, POOL[1], 22)
+
+
+def test_unserved_destination_is_dropped_before_any_flow() -> None:
+    """To a public address and port nothing serves: drop_no_flow, no outbound flow made."""
+    t = TranslationTable(inbound_model(), 0.0)
+    assert t.hairpin(tcp(STANDALONE, FRONTEND, 40000, 81), 0.0) == DROP
+    assert t.hairpin(echo(STANDALONE, FRONTEND, 5), 0.0) == DROP
+    assert t.counters_dict()["drop_no_flow"] == 2 and t.flow_count() == 0
+
+
+def test_a_denied_destination_half_drops_the_packet() -> None:
+    """The target's inbound_default deny drops the hairpinned packet, counted."""
+    t = TranslationTable(inbound_model(inbound_default_allow=False), 0.0)
+    assert t.hairpin(tcp(STANDALONE, FRONTEND, 40000, 80), 0.0) == DROP
+    c = t.counters_dict()
+    assert c["drop_security_denied"] == 1 and c["hairpin_translated"] == 0
+
+
+def test_source_ip_affinity_holds_for_hairpinned_clients() -> None:
+    """source_ip distribution hashes the sender's public address like any remote's."""
+    m = inbound_model(lb_rules=(LbRule("h", "fe-web", "web", "tcp", 80, 8080, Distribution.SOURCE_IP),))
+    t = TranslationTable(m, 0.0)
+    assert len({hairpin(t, tcp(STANDALONE, FRONTEND, 40000 + i, 80))[2] for i in range(10)}) == 1
