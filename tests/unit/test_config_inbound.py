@@ -1027,11 +1027,10 @@ def _mutated(draw: st.DrawFn, template: dict[str, Any]) -> dict[str, Any]:
         target: dict[str, Any] = t
         key: str
         nested = [
-            k for k in t if k in _NESTED and t[k] and isinstance(t[k], list) and isinstance(t[k][0], dict)
+            (k, x) for k in t if k in _NESTED and isinstance(t[k], list) for x in t[k] if isinstance(x, dict)
         ]
         if draw(st.booleans()) and nested:
-            inner: str = draw(st.sampled_from(nested))
-            target = t[inner][draw(st.integers(0, len(t[inner]) - 1))]
+            inner, target = draw(st.sampled_from(nested))
             key = draw(st.sampled_from([*_NESTED[inner], "junk"]))
         else:
             key = draw(st.sampled_from([*t, "junk"]))
