@@ -36,7 +36,7 @@ from gateway.core.block import PORT_BYTES
 from gateway.core.checksum import delta
 from gateway.core.counters import Counter
 from gateway.core.flow import EndReason, Flow, TcpState, l4_deltas
-from gateway.core.health import HealthBook, probe_pairs
+from gateway.core.health import probe_pairs
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Distribution, GatewayModel, Probe
 from gateway.core.placement import Placement
 from gateway.core.state import Buffer
@@ -141,20 +141,13 @@ PROTO_BYTES: tuple[bytes, ...] = tuple(bytes((p,)) for p in range(256))
 class Inbound(Placement):
     """Opening flows from the outside; the health of LB rule members."""
 
-    #: What serves each (protocol, public address, port), and the instance IPs.
-    inbound_index: InboundIndex
-    instance_inbound: dict[int, int]
-    health: HealthBook
-
     def reconfigure(self, model: GatewayModel, now: float) -> dict[str, int]:
         """:meth:`~gateway.core.reconfigure.Reconfigure.reconfigure`, then the inbound
         index and the probed pairs of the new configuration (pairs that stay keep
         their health). Inbound flows through a public address that went away end;
         the others keep running (docs/decisions.md, "Reload and live flows")."""
-        before = set(getattr(self, "addresses", {}))
+        before = set(self.addresses)
         summary = super().reconfigure(model, now)
-        if not hasattr(self, "health"):
-            self.health = HealthBook()
         self.inbound_index, self.instance_inbound = build_index(model)
         self.health.reload(probe_pairs(model), now)
         self._refresh_healthy()

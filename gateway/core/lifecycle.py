@@ -23,6 +23,7 @@ from gateway.core.checksum import delta
 from gateway.core.counters import END_COUNTER, Counter
 from gateway.core.events import FlowLimitReached, SnatPortExhausted, SnatPortsHighWater
 from gateway.core.flow import (
+    MAX_WSCALE,
     TCP_TRACK,
     UNKNOWN,
     EndReason,
@@ -238,6 +239,10 @@ class FlowLifecycle(TableState):
             return
         f.state = state
         f.timeout = timeout_for(state, self.timeouts, f.idle)
+        if state == TcpState.SYN_RECEIVED:
+            # The remote reopened a closed inbound flow: a new connection, nothing
+            # of the backend's window known yet.
+            f.trk_ack, f.trk_win, f.trk_scale, f.trk_isn = UNKNOWN, 0, MAX_WSCALE, UNKNOWN
         self.wheel.schedule(f, now + f.timeout)
 
     def _expire(self, now: float) -> None:

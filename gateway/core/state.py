@@ -23,15 +23,20 @@ per-packet path at one attribute lookup per table field, as before the split.
 from __future__ import annotations
 
 from random import Random
+from typing import TYPE_CHECKING
 
 from gateway.core.address import Backend, PublicAddress
 from gateway.core.counters import Counter
 from gateway.core.events import Event
 from gateway.core.flow import Flow
 from gateway.core.header import Buffer
+from gateway.core.health import HealthBook
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.security import SecurityPolicy
 from gateway.core.wheel import TimerWheel
+
+if TYPE_CHECKING:
+    from gateway.core.inbound import InboundTarget
 
 __all__ = ["Buffer", "FlowMap", "TableState"]
 
@@ -90,3 +95,9 @@ class TableState:
         #: The ``inbound_not_opened`` events already emitted (once each, docs/model.md
         #: "Security groups"); a reload emits only the ones it adds.
         self._unopened: frozenset[Event] = frozenset()
+        #: What serves each (protocol, public address, port) from the outside, and the
+        #: instance IPs (public -> private): :mod:`gateway.core.inbound`, rebuilt by reloads.
+        self.inbound_index: dict[tuple[int, int, int], InboundTarget] = {}
+        self.instance_inbound: dict[int, int] = {}
+        #: LB rule members' health (:mod:`gateway.core.health`; never saved).
+        self.health = HealthBook()

@@ -416,3 +416,16 @@ def test_counters_have_a_place_in_stats(t: TranslationTable) -> None:
     assert s["snat_connections"]["attempted"] == 1
     assert s["counters"]["inbound_flows_created"] == 1
     assert Counter.INBOUND_FLOWS_CREATED.name.lower() in s["counters"]
+
+
+def test_a_closed_inbound_flow_reopened_by_the_remote_learns_the_new_connection(t: TranslationTable) -> None:
+    """A new SYN on a lingering closed inbound flow goes back to SYN_RECEIVED with the window forgotten."""
+    dst, _ = deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, seq=1000))
+    out(t, tcp(dst, CLIENT, 8080, 40000, "SA", seq=5000, ack=1001), 0.1)
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, "R", seq=1001), 0.2)
+    (f,) = inbound_flows(t)
+    assert f.state == TcpState.RESET
+    assert deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, seq=70000), 0.5)[0] == dst
+    assert f.state == TcpState.SYN_RECEIVED and f.trk_ack == -1
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, "R", seq=12345), 0.6)
+    assert f.state == TcpState.RESET
