@@ -798,6 +798,24 @@ def test_vip_is_tiered_by_all_instances_of_the_service() -> None:
     assert t.backends[n("10.10.5.1")].block.size == 512  # type: ignore[union-attr]
 
 
+def test_a_reload_moves_the_vip_tier_when_the_service_grows() -> None:
+    """A 51st instance (a worker, no endpoints) moves the VIP to 512-port blocks on reload,
+    and the 50th leaving moves it back: the tier follows the service, not the pool."""
+
+    def model(workers: int) -> Any:
+        text = service() + role("web", "web", ["10.10.5.1", "10.10.5.2"], endpoints=HTTP)
+        return ok(text + role("jobs", "worker", [f"10.10.6.{i}" for i in range(1, workers + 1)])).model
+
+    t = TranslationTable(model(48), 0.0)
+    vip = t.addresses[n("198.51.100.40")]
+    assert vip.layout is not None and vip.layout.size == 1024
+    t.reconfigure(model(49), 1.0)
+    assert vip.layout.size == 512
+    assert t.backends[n("10.10.5.2")].block.size == 512  # type: ignore[union-attr]
+    t.reconfigure(model(48), 1000.0)
+    assert vip.layout.size == 1024
+
+
 def test_room_check_uses_the_vip_tier() -> None:
     """50 instances whose endpoints exclude 420 chunks do not fit with 1024-port blocks;
     one more instance without endpoints moves the VIP to 512 and they fit."""
