@@ -134,3 +134,21 @@ def test_the_good_version_is_accepted(tmp_path: Path) -> None:
     cfg.write_text(group())
     res = subprocess.run([str(h.SNATGW), "check", "--config", str(cfg)], capture_output=True, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("name", ["inbound.toml", "classic.toml"])
+def test_the_new_examples_start_in_the_lab(lab: LabNames, gateway: h.GatewayFactory, name: str) -> None:
+    """Control: deploy/examples/inbound.toml and classic.toml (lab addresses) start a gateway
+    that puts its public addresses up; a clean stop (stopped = "remove", so the refusals
+    above still find no SNATGW chain whatever the order) takes everything away again."""
+    text = (h.REPO / "deploy" / "examples" / name).read_text()
+    text = text.replace("[gateway]\n", '[gateway]\nstopped = "remove"\n', 1)
+    before = h.out_addresses(lab)
+    gw = gateway(text)
+    up = h.out_addresses(lab) - before
+    want = {"inbound.toml": {"198.51.100.10", "198.51.100.20", "198.51.100.30", "198.51.100.31"},
+            "classic.toml": {"198.51.100.40", "198.51.100.20", "198.51.100.30"}}[name]  # fmt: skip
+    assert up == want, up
+    assert gw.stop() == 0
+    assert h.out_addresses(lab) == before
+    assert "SNATGW" not in h.iptables_save(lab)
