@@ -234,18 +234,12 @@ def status(s: dict[str, Any]) -> str:
 
 
 def health(rows: list[dict[str, Any]]) -> str:
-    """Probe health per member (``status``): up or down, failures in a row, for how long."""
+    """Probe health per member (``status``): up or down, since when, failures in a
+    row, and the LB rules that use the probe on that member."""
     return table(
-        ("PROBE", "MEMBER", "PORT", "STATE", "FAILURES", "SINCE"),
+        ("PROBE", "MEMBER", "STATE", "FAILURES", "SINCE", "RULES"),
         [
-            (
-                r["probe"],
-                r["member"],
-                r.get("port"),
-                r["state"],
-                r.get("failures"),
-                _secs(r["for"]) if r.get("for") is not None else None,
-            )
+            (r["probe"], r["member"], r["state"], r["failures"], _when(r.get("since")), ",".join(r["rules"]))
             for r in rows
         ],
     )

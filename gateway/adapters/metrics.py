@@ -146,8 +146,8 @@ class GatewayCollector:
                      "denied), defaults included", ["group", "rule", "direction"],
                      (([h["group"], h["rule"], h["direction"]], h["hits"]) for h in sec["hits"]))
         yield family(G, "snatgw_member_health", "LB rule member health as its probe sees it (1 up, 0 down)",
-                     ["probe", "member", "port"],
-                     (([h["probe"], h["member"], str(h["port"])], 1 if h["state"] == "up" else 0)
+                     ["probe", "member"],
+                     (([h["probe"], h["member"]], 1 if h["state"] == "up" else 0)
                       for h in snap.get("health", [])))
         yield family(C, "snatgw_flows_ended", "Flows ended, by reason", ["reason"],
                      by_key(stats["flows_ended"]))

@@ -322,6 +322,7 @@ class Gateway:
         return {
             **self.describe(),
             **views.status(self.table),
+            "health": views.health(self.table, now, time.time()),
             "uptime": round(now - self.started, 3),
             "started": self.started_wall,
             "reloads": dict(self.reloads),

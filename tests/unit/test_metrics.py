@@ -73,8 +73,8 @@ def test_security_health_inbound_and_hairpin_families() -> None:
     sec = security_counts(policy)
     t = TranslationTable(lab_model(), 0.0)
     health = [
-        {"probe": "web-probe", "member": POOL[0], "port": 8080, "state": "up", "failures": 0},
-        {"probe": "web-probe", "member": POOL[1], "port": 8080, "state": "down", "failures": 2},
+        {"probe": "web-probe", "member": POOL[0], "state": "up", "since": 1.0, "failures": 0, "rules": []},
+        {"probe": "web-probe", "member": POOL[1], "state": "down", "since": 1.0, "failures": 2, "rules": []},
     ]
 
     def snapshot() -> dict[str, object]:
@@ -94,8 +94,8 @@ def test_security_health_inbound_and_hairpin_families() -> None:
     hits = "snatgw_security_rule_hits_total"
     assert f'{hits}{{direction="outbound",group="web-nsg",rule="deny-smtp"}} 1.0' in text
     assert f'{hits}{{direction="inbound",group="web-nsg",rule="DenyAllInBound"}} 0.0' in text
-    assert 'snatgw_member_health{member="10.10.1.1",port="8080",probe="web-probe"} 1.0' in text
-    assert 'snatgw_member_health{member="10.10.1.2",port="8080",probe="web-probe"} 0.0' in text
+    assert 'snatgw_member_health{member="10.10.1.1",probe="web-probe"} 1.0' in text
+    assert 'snatgw_member_health{member="10.10.1.2",probe="web-probe"} 0.0' in text
     assert "snatgw_inbound_flows_created_total 0.0" in text
     assert "snatgw_hairpin_packets_total 0.0" in text
     assert 'snatgw_dropped_packets_total{reason="security_denied"} 0.0' in text

@@ -71,16 +71,22 @@ def test_status_shows_probe_health_per_member() -> None:
         "inside": "in0", "outside": "out0", "control_socket": "/run/s", "metrics": None,
         "reloads": {"applied": 0, "rejected": 0}, "flows": 0, "addresses": [], "pools": [],
     }  # fmt: skip
+    import time
+
+    now = time.time()
     health = [
-        {"probe": "web-probe", "member": POOL[0], "port": 8080, "state": "up", "failures": 0, "for": 12.0},
-        {"probe": "web-probe", "member": POOL[1], "port": 8080, "state": "down", "failures": 3, "for": 4.5},
-    ]
+        {"probe": "web-probe", "member": POOL[0], "state": "up", "since": now - 12, "failures": 0,
+         "rules": ["http"]},
+        {"probe": "web-probe", "member": POOL[1], "state": "down", "since": now - 4, "failures": 3,
+         "rules": ["http", "alt"]},
+    ]  # fmt: skip
     text = show.status({**base, "health": health})
     lines = text.splitlines()
     i = next(n for n, ln in enumerate(lines) if ln.startswith("PROBE"))
-    assert lines[i].split() == ["PROBE", "MEMBER", "PORT", "STATE", "FAILURES", "SINCE"]
-    assert lines[i + 1].split() == ["web-probe", POOL[0], "8080", "up", "0", "12.0s"]
-    assert lines[i + 2].split() == ["web-probe", POOL[1], "8080", "down", "3", "4.5s"]
+    assert lines[i].split() == ["PROBE", "MEMBER", "STATE", "FAILURES", "SINCE", "RULES"]
+    up, down = lines[i + 1].split(), lines[i + 2].split()
+    assert up[:4] == ["web-probe", POOL[0], "up", "0"] and up[5:] == ["(12s", "ago)", "http"]
+    assert down[:4] == ["web-probe", POOL[1], "down", "3"] and down[-1] == "http,alt"
     assert "PROBE" not in show.status(base), "no probes: no health table"
 
 
