@@ -135,7 +135,8 @@ def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[st
     else:
         per: dict[int, set[int]] = {}
         for f in be.flows:
-            per.setdefault(f.proto, set()).add(f.public_port)
+            if f.public == be.address.ip:  # not an LB rule's inbound flow on a frontend port
+                per.setdefault(f.proto, set()).add(f.public_port)
         for p, ports in per.items():
             in_use[PROTO_NAMES[p]] = len(ports)
     last = be.last_exhausted

@@ -429,3 +429,16 @@ def test_a_closed_inbound_flow_reopened_by_the_remote_learns_the_new_connection(
     assert f.state == TcpState.SYN_RECEIVED and f.trk_ack == -1
     deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, "R", seq=12345), 0.6)
     assert f.state == TcpState.RESET
+
+
+def test_ports_of_an_instance_ip_member_count_only_its_own_address() -> None:
+    """An LB flow to a member with an instance IP is not one of that instance IP's ports in use."""
+    m = inbound_model(
+        pools=lab_model(members=(INSTANCE,)).pools,
+        lb_rules=(LbRule("h", "fe-web", "web", "tcp", 80, 8080),),
+    )
+    t = TranslationTable(m, 0.0)
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80))
+    deliver(t, tcp(CLIENT, INSTANCE_PUBLIC, 40000, 22))
+    (row,) = views.ports(t, 1.0, 1000.0, ip(INSTANCE))
+    assert row["in_use"] == {"tcp": 1} and row["flows"] == 2
