@@ -112,6 +112,28 @@ def test_udp_lb_rule_answers_from_the_frontend_address_and_port(
     assert answers[0].member in t.POOL_MEMBERS and answers[0].port == PORT
 
 
+def test_source_ip_distribution_keeps_a_client_on_one_member(
+    lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
+) -> None:
+    """distribution = "source_ip": 20 connections from one client address, each from a new
+    port, all reach the same member (2-tuple hash)."""
+    rule = {"name": "http", "frontend": "fe-web", "pool": "web", "protocol": "tcp",
+            "frontend_port": 80, "backend_port": PORT, "distribution": "source_ip"}
+
+    def add(cfg: dict[str, Any]) -> None:
+        cfg["gateway"]["inbound_default"] = "allow"
+
+    gateway(h.lab_config(lb_rules=[rule], mutate=add))
+    url = f"http://{t.FRONTEND_IP}:80/"
+    for client in (t.SERVER, t.SERVER2):
+        res = clients.curl(lab.inet, client, url, max_time=20, extra=[url] * 19)
+        assert res.returncode == 0, res.stderr.decode()
+        answers = [parse_member_answer(ln) for ln in res.stdout.decode().splitlines()]
+        assert len(answers) == 20 and len({a.sport for a in answers}) == 20
+        assert len({a.member for a in answers}) == 1, collections.Counter(a.member for a in answers)
+        assert {a.src for a in answers} == {client}
+
+
 def test_inbound_nat_rule_forwards_one_port_to_one_backend(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
@@ -149,6 +171,13 @@ def test_instance_ip_inbound_allowed_and_denied_by_a_group(
     assert res.returncode == 0, res.stderr.decode()
     a = parse_member_answer(res.stdout.decode())
     assert (a.src, a.member, a.port) == (t.SERVER, t.INSTANCE_BACKEND, PORT)
+    rows = [r for r in gw.ask("flows", "--backend", t.INSTANCE_BACKEND)
+            if (r["remote"], r["remote_port"]) == (t.SERVER, a.sport)]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["direction"], row["public_ip"], row["public_port"], row["backend_port"]) == (
+        "in", t.INSTANCE_PUBLIC, PORT, PORT), row
+    assert "allow-web" in str(row["rule"]), row
 
     before = _counters(gw)["drop_security_denied"]
     res = _inbound(lab, f"http://{t.INSTANCE_PUBLIC}:{OTHER}/", max_time=2)
@@ -160,6 +189,32 @@ def test_instance_ip_inbound_allowed_and_denied_by_a_group(
                       detail=lambda: gw.log_text()[-2000:])
     assert ev["backend"] == t.INSTANCE_BACKEND and ev["direction"] == "inbound", ev
     assert ev["rule"] == "DenyAllInBound" and ev["port"] == OTHER, ev
+
+
+@pytest.mark.parametrize(("destination", "ports", "opens"), [
+    ("10.10.1.0/24", str(PORT), True),  # the backend's private address and backend port
+    (t.FRONTEND_IP, "80", False),  # the frontend's address and port: never what a rule sees
+])
+def test_inbound_rules_see_the_backend_address_and_port(
+    lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners,
+    destination: str, ports: str, opens: bool,
+) -> None:
+    """A group on pool web opens lb_rule 80 -> 8080 only by the members' address and port
+    8080 (as Azure's rules see a flow reaching the backend), not by frontend:80."""
+    group = {"name": "web-in", "attach": ["web"],
+             "rules": [{"name": "allow-in", "priority": 100, "direction": "inbound",
+                        "access": "allow", "protocol": "tcp", "source": "Internet",
+                        "destination": destination, "destination_ports": ports}]}
+    gateway(_config(security_groups=[group]))
+    marks = {m: listeners.log(m).mark() for m in t.POOL_MEMBERS}
+    res = _inbound(lab, f"http://{t.FRONTEND_IP}:80/", max_time=2)
+    arrived = sum(len(listeners.log(m).records(since)) for m, since in marks.items())
+    if opens:
+        assert res.returncode == 0, res.stderr.decode()
+        assert parse_member_answer(res.stdout.decode()).member in t.POOL_MEMBERS
+        assert arrived == 1
+    else:
+        assert res.returncode != 0 and arrived == 0, res.stdout.decode()
 
 
 def test_instance_ip_answers_ping_from_the_internet_when_inbound_is_allowed(

@@ -186,3 +186,38 @@ def test_a_group_denying_azure_load_balancer_marks_the_member_down(
     assert health(gw)[blocked] == "down"
     spread = _members_answering(lab, 20)
     assert set(spread) == set(others), spread
+    # Outbound through the frontend does not depend on probe health (scenario 2).
+    res = h.curl(lab, blocked, f"http://{t.SERVER}/")
+    assert res.returncode == 0 and h.parse_peer(res.stdout.decode())[0] == t.FRONTEND_IP
+
+
+def test_all_members_down_drops_new_inbound_flows(
+    lab: LabNames, gateway: h.GatewayFactory, health_back: MemberListeners
+) -> None:
+    """Every health listener stopped: all members down, a new connection to the frontend
+    reaches no member and is counted as drop_no_healthy_member."""
+    listeners = health_back
+    gw = gateway(_config())
+    _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "up"), 10)
+    marks = {m: listeners.log(m).mark() for m in t.POOL_MEMBERS}
+    for m in t.POOL_MEMBERS:
+        listeners.stop(m, HEALTH)
+    _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "down"), DOWN_WITHIN + 2)
+    before = gw.ask("stats")["counters"]["drop_no_healthy_member"]
+    res = clients.curl(lab.inet, t.SERVER, f"http://{t.FRONTEND_IP}:80/", max_time=2)
+    assert res.returncode != 0, res.stdout.decode()
+    assert all(listeners.log(m).records(since) == [] for m, since in marks.items())
+    assert gw.ask("stats")["counters"]["drop_no_healthy_member"] > before
+
+
+def test_a_reload_keeps_the_health_of_members_that_stay(
+    lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
+) -> None:
+    """After a reload (here: a longer idle timeout) the members are up at once, without
+    waiting for a probe, and no member went down."""
+    gw = gateway(_config())
+    _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "up"), 10)
+    res = gw.reload(_config({"idle_timeout": 300}))
+    assert res is not None and res.returncode == 0, res.stderr.decode()
+    assert health(gw) == dict.fromkeys(t.POOL_MEMBERS, "up")
+    assert not [e for e in gw.events("member_health_changed") if e["state"] == "down"]
