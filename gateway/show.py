@@ -167,8 +167,9 @@ def rules(rows: list[dict[str, Any]]) -> str:
 def stats(s: dict[str, Any]) -> str:
     c = s["counters"]
     lines = ["packets"]
-    for k in ("in2out_translated", "out2in_translated", "icmp_error_in2out", "icmp_error_out2in"):
-        lines.append(f"  {k:<24} {c[k]}")
+    for k in ("in2out_translated", "out2in_translated", "hairpin_translated", "icmp_error_in2out",
+              "icmp_error_out2in"):
+        lines.append(f"  {k:<24} {c.get(k, 0)}")
     lines.append("drops")
     lines += [f"  {k:<24} {v}" for k, v in s["drops"].items()]
     conns = s["snat_connections"]
@@ -179,6 +180,7 @@ def stats(s: dict[str, Any]) -> str:
         f"no public address {c['drop_no_public_address']})"
     )
     lines.append(f"  {'created':<24} {c['flows_created']}")
+    lines.append(f"inbound flows created: {c.get('inbound_flows_created', 0)}")
     lines.append("flows ended")
     lines += [f"  {k:<24} {v}" for k, v in s["flows_ended"].items()]
     lines.append(f"flows live: {s['flows_total']}")
