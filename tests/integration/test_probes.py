@@ -36,9 +36,12 @@ INTERVAL, COUNT = 1, 2
 DOWN_WITHIN = INTERVAL * COUNT + 1
 
 
-def _config(gateway: dict[str, Any] | None = None, **arrays: Any) -> str:
-    """lab.toml with a tcp probe on 8081 for lb_rule "http" and an lb_rule frontend 7000 ->
-    members' 7000 on the same probe; inbound open; ``arrays`` appended."""
+def _config(
+    gateway: dict[str, Any] | None = None, probe: dict[str, Any] | None = None, **arrays: Any
+) -> str:
+    """lab.toml with a probe on 8081 (tcp unless ``probe`` says otherwise) for lb_rule "http"
+    and an lb_rule frontend 7000 -> members' 7000 on the same probe; inbound open;
+    ``arrays`` appended."""
     http = {"name": "http", "frontend": "fe-web", "pool": "web", "protocol": "tcp",
             "frontend_port": 80, "backend_port": SERVICE, "probe": "health"}
     held = {"name": "held", "frontend": "fe-web", "pool": "web", "protocol": "tcp",
@@ -47,10 +50,10 @@ def _config(gateway: dict[str, Any] | None = None, **arrays: Any) -> str:
     def add(cfg: dict[str, Any]) -> None:
         cfg["gateway"].update({"inbound_default": "allow", **(gateway or {})})
 
-    probe = {"name": "health", "protocol": "tcp", "port": HEALTH, "interval": INTERVAL,
-             "number_of_probes": COUNT}
+    spec = {"name": "health", "protocol": "tcp", "port": HEALTH, "interval": INTERVAL,
+            "number_of_probes": COUNT, **(probe or {})}
     return (h.lab_config(lb_rules=[http, held], mutate=add)
-            + configtext.sections(probes=[probe], **arrays))
+            + configtext.sections(probes=[spec], **arrays))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,8 @@ def test_a_group_denying_azure_load_balancer_marks_the_member_down(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
     """A NIC group on 10.10.1.3 denying inbound from AzureLoadBalancer: that member never
-    comes up (its listener runs), the others do, and new flows go to the others only."""
+    comes up under an http probe (its listener runs), the others do, and new flows go to
+    the others only."""
     blocked = t.POOL_MEMBERS[2]
     group = {
         "name": "no-probes", "attach": [blocked],
@@ -175,7 +179,7 @@ def test_a_group_denying_azure_load_balancer_marks_the_member_down(
         ],
     }
     marks = {m: listeners.log(m, HEALTH).mark() for m in t.POOL_MEMBERS}
-    gw = gateway(_config(security_groups=[group]))
+    gw = gateway(_config(probe={"protocol": "http", "path": "/healthz"}, security_groups=[group]))
     others = [m for m in t.POOL_MEMBERS if m != blocked]
     _wait_health(gw, {**dict.fromkeys(others, "up"), blocked: "down"}, 10)
     # Several probe rounds later it is still down, and no probe ever reached its listener.

@@ -93,6 +93,9 @@ def test_an_outbound_deny_on_one_port(
     assert len(server_8000.log(t.SERVER, OTHER_PORT).records(mark8000)) == 1
 
     assert _counters(gw)["drop_security_denied"] >= 1
+    # A denied flow never takes a port: the member's only flows are to :8000.
+    assert {(r["remote"], r["remote_port"]) for r in gw.ask("flows", "--backend", MEMBER)} == {
+        (t.SERVER, OTHER_PORT)}
     ev = h.wait_until(lambda: gw.event("flow_denied"), 5, what="a flow_denied event",
                       detail=lambda: gw.log_text()[-2000:])
     assert (ev["backend"], ev["group"], ev["rule"], ev["direction"]) == (
