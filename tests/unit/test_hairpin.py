@@ -3,6 +3,9 @@ RFC 5382 REQ-8; docs/model.md, "Hairpinning")."""
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.core.model import Distribution, InboundNatRule, LbRule, Pool
 from gateway.core.packet import checksums_ok, describe
 from gateway.core.table import TranslationTable
@@ -95,3 +98,28 @@ def test_source_ip_affinity_holds_for_hairpinned_clients() -> None:
     m = inbound_model(lb_rules=(LbRule("h", "fe-web", "web", "tcp", 80, 8080, Distribution.SOURCE_IP),))
     t = TranslationTable(m, 0.0)
     assert len({hairpin(t, tcp(STANDALONE, FRONTEND, 40000 + i, 80))[2] for i in range(10)}) == 1
+
+
+def _served_packets() -> st.SearchStrategy[bytes]:
+    """Packets aimed at what the lab serves (frontend 80, instance IP, a NAT port), with bytes flipped."""
+    bases = [
+        bytes(tcp(STANDALONE, FRONTEND, 40000, 80)),
+        bytes(udp(POOL[0], INSTANCE_PUBLIC, 40000, 53)),
+        bytes(echo(STANDALONE, INSTANCE_PUBLIC, 9)),
+        bytes(tcp("203.0.113.7", FRONTEND, 40000, 50001)),
+        bytes(tcp("10.10.0.254", POOL[0], 40000, 8080)),
+    ]
+    return st.builds(
+        lambda base, flips: bytes(b ^ dict(flips).get(i, 0) for i, b in enumerate(base)),
+        st.sampled_from(bases),
+        st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=4),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_served_packets(), st.sampled_from(["hairpin", "out2in", "local_out", "in2out"]))
+def test_inbound_entry_points_never_raise(data: bytes, entry: str) -> None:
+    """hairpin, out2in (opening flows), local_out (probe SYNs) and in2out answer any mangled packet."""
+    m = inbound_model(inbound_nat_rules=(InboundNatRule("ssh", "fe-web", "tcp", 50001, ip(POOL[1]), 22),))
+    t = TranslationTable(m, 0.0)
+    assert getattr(t, entry)(bytearray(data), 1.0) in (0, 1, 2, 3)
