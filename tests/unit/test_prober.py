@@ -95,7 +95,7 @@ class HttpServer:
 
     def close(self) -> None:
         self.stopping = True
-        self.thread.join(2)
+        self.thread.join(0.3)  # a daemon thread still sleeping in a slow answer ends on its own
         self.sock.close()
 
 
