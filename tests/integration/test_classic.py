@@ -62,8 +62,7 @@ def gw(module_gateway: h.GatewayFactory, listeners: MemberListeners) -> Iterator
 def test_a_web_role_leaves_through_the_vip(
     lab: LabNames, lab_extra: tuple[str, ...], gw: h.GatewayProc, whoami_log: h.WhoamiLog
 ) -> None:
-    """Each web role instance is seen as the VIP with a port of its own preallocated block,
-    and nslookup myip from it prints the VIP."""
+    """Web role instances leave as the VIP from their own blocks; nslookup myip prints the VIP."""
     mark = whoami_log.mark()
     seen = []
     for src in WEB:
@@ -101,8 +100,7 @@ def test_a_worker_role_without_endpoints_uses_default_snat(
 def test_the_endpoint_delivers_inbound_to_the_web_role(
     lab: LabNames, gw: h.GatewayProc, listeners: MemberListeners
 ) -> None:
-    """VIP:80 reaches the web role's instances on 8080 with the client's address, although
-    inbound_default is deny: a classic endpoint is an opening."""
+    """VIP:80 reaches the web role's 8080 with inbound_default deny: an endpoint is an opening."""
     url = f"http://{VIP}:80/"
     res = clients.curl(lab.inet, t.SERVER, url, max_time=20, extra=[url] * 9)
     assert res.returncode == 0, res.stderr.decode()
@@ -117,8 +115,7 @@ def test_the_endpoint_delivers_inbound_to_the_web_role(
 def test_an_instance_ip_on_a_web_role_is_refused_at_start(
     lab: LabNames, gateway: h.GatewayFactory
 ) -> None:
-    """A web role instance with an instance public IP: exit 2, one line naming the file, the
-    role instance and the problem; nothing installed."""
+    """An instance IP on a web role: exit 2, one line naming file and instance, nothing installed."""
     before = h.gw_snapshot(lab)
     bad = h.lab_config(instance_ips=[{"private": t.INSTANCE_BACKEND, "public": t.INSTANCE_PUBLIC},
                                      {"private": WEB[0], "public": "198.51.100.21"}])

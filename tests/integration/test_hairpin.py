@@ -75,8 +75,7 @@ def test_a_standalone_backend_reaches_an_lb_frontend_port_as_its_default_snat_ad
 def test_a_pool_member_reaches_an_instance_public_ip_as_its_frontend(
     lab: LabNames, gw: h.GatewayProc, listeners: MemberListeners
 ) -> None:
-    """10.10.1.2 -> 198.51.100.20:8080 reaches 10.10.2.1, which sees the frontend and a port
-    of 10.10.1.2's block."""
+    """Pool member -> instance public IP: the target sees the frontend and a port of its block."""
     a = _from_backend(lab, t.POOL_MEMBERS[1], f"http://{t.INSTANCE_PUBLIC}:{PORT}/")
     assert a.member == t.INSTANCE_BACKEND and a.src == t.FRONTEND_IP, a
     assert 1024 + BLOCK <= a.sport < 1024 + 3 * BLOCK, a
@@ -85,8 +84,7 @@ def test_a_pool_member_reaches_an_instance_public_ip_as_its_frontend(
 def test_an_instance_ip_backend_reaches_a_frontend_with_its_own_port(
     lab: LabNames, gw: h.GatewayProc
 ) -> None:
-    """10.10.2.1 (instance IP, no port translation) -> frontend:80: the member sees
-    198.51.100.20 and the backend's own source port."""
+    """Instance-IP backend -> frontend:80: the member sees 198.51.100.20 and the backend's port."""
     a = _from_backend(lab, t.INSTANCE_BACKEND, f"http://{t.FRONTEND_IP}:80/",
                       extra=("--local-port", "41234"))
     assert (a.src, a.sport) == (t.INSTANCE_PUBLIC, 41234), a
@@ -101,8 +99,7 @@ def test_hairpin_to_an_inbound_nat_port(lab: LabNames, gw: h.GatewayProc, listen
 
 
 def test_a_member_landing_on_itself_sees_its_own_frontend(lab: LabNames, gw: h.GatewayProc) -> None:
-    """10.10.1.1 -> frontend:80, 30 times: every answer shows the frontend and a port of
-    10.10.1.1's block as source, and some land on 10.10.1.1 itself (P(none) = (2/3)^30)."""
+    """A member hairpinned onto itself sees its own frontend and a port of its own block."""
     url = f"http://{t.FRONTEND_IP}:80/"
     res = h.curl(lab, t.POOL_MEMBERS[0], url, max_time=20, extra=[url] * 29)
     assert res.returncode == 0, res.stderr.decode()

@@ -65,8 +65,7 @@ def _counters(gw: h.GatewayProc) -> dict[str, int]:
 def test_lb_rule_spreads_60_connections_over_the_three_members(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
-    """60 connections to frontend:80 each reach a member's 8080 with the client's own address,
-    every member answers some, and every packet back leaves from the frontend's port 80."""
+    """60 connections to frontend:80 reach all three members; every reply leaves from frontend:80."""
     gw = gateway(_config({"inbound_default": "allow"}))
     marks = {m: listeners.log(m).mark() for m in t.POOL_MEMBERS}
     url = f"http://{t.FRONTEND_IP}:80/"
@@ -115,8 +114,7 @@ def test_udp_lb_rule_answers_from_the_frontend_address_and_port(
 def test_source_ip_distribution_keeps_a_client_on_one_member(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
-    """distribution = "source_ip": 20 connections from one client address, each from a new
-    port, all reach the same member (2-tuple hash)."""
+    """distribution source_ip: 20 connections from one client address all reach one member."""
     rule = {"name": "http", "frontend": "fe-web", "pool": "web", "protocol": "tcp",
             "frontend_port": 80, "backend_port": PORT, "distribution": "source_ip"}
 
@@ -155,8 +153,7 @@ def test_inbound_nat_rule_forwards_one_port_to_one_backend(
 def test_instance_ip_inbound_allowed_and_denied_by_a_group(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
-    """A group on 10.10.2.1 opening tcp 8080 lets the internet in on 8080; 8081 falls to
-    DenyAllInBound: refused, counted (drop_security_denied) and logged (flow_denied)."""
+    """A group opening 8080 on the instance IP lets 8080 in; 8081 falls to DenyAllInBound."""
     group = {
         "name": "inst-nsg", "attach": [t.INSTANCE_BACKEND],
         "rules": [{"name": "allow-web", "priority": 100, "direction": "inbound", "access": "allow",
@@ -199,8 +196,7 @@ def test_inbound_rules_see_the_backend_address_and_port(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners,
     destination: str, ports: str, opens: bool,
 ) -> None:
-    """A group on pool web opens lb_rule 80 -> 8080 only by the members' address and port
-    8080 (as Azure's rules see a flow reaching the backend), not by frontend:80."""
+    """Inbound rules match the member's address and backend port, never frontend:80."""
     group = {"name": "web-in", "attach": ["web"],
              "rules": [{"name": "allow-in", "priority": 100, "direction": "inbound",
                         "access": "allow", "protocol": "tcp", "source": "Internet",
@@ -233,8 +229,7 @@ def test_instance_ip_answers_ping_from_the_internet_when_inbound_is_allowed(
 def test_inbound_default_decides_for_backends_without_a_group(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners, default: str
 ) -> None:
-    """No group: "deny" lets nothing in unsolicited (lb_rule, instance IP; warned once at
-    start), "allow" lets both in; outbound works either way."""
+    """No group: inbound_default deny lets nothing in (warned at start), allow lets all in."""
     gw = gateway(_config({"inbound_default": default}))
     marks = {m: listeners.log(m).mark() for m in (*t.POOL_MEMBERS, t.INSTANCE_BACKEND)}
     urls = [f"http://{t.FRONTEND_IP}:80/", f"http://{t.INSTANCE_PUBLIC}:{PORT}/"]

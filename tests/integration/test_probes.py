@@ -105,8 +105,7 @@ def _members_answering(lab: LabNames, n: int) -> collections.Counter[str]:
 def test_a_member_whose_probe_fails_goes_down_and_comes_back(
     lab: LabNames, gateway: h.GatewayFactory, health_back: MemberListeners, tmp_path: Path
 ) -> None:
-    """Health listener stopped: down within interval*number_of_probes+1 s, new flows avoid it,
-    an open connection to it still carries data; restarted: up again, and it gets flows."""
+    """Probe fails: down in time, new flows avoid it, a live flow stays; probe back: up."""
     listeners = health_back
     gw = gateway(_config())
     _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "up"), 10)
@@ -165,9 +164,7 @@ def clients_listening(lab: LabNames, addr: str) -> bool:
 def test_a_group_denying_azure_load_balancer_marks_the_member_down(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
-    """A NIC group on 10.10.1.3 denying inbound from AzureLoadBalancer: that member never
-    comes up under an http probe (its listener runs), the others do, and new flows go to
-    the others only."""
+    """A group denying AzureLoadBalancer keeps its member down and out of new flows."""
     blocked = t.POOL_MEMBERS[2]
     group = {
         "name": "no-probes", "attach": [blocked],
@@ -198,8 +195,7 @@ def test_a_group_denying_azure_load_balancer_marks_the_member_down(
 def test_all_members_down_drops_new_inbound_flows(
     lab: LabNames, gateway: h.GatewayFactory, health_back: MemberListeners
 ) -> None:
-    """Every health listener stopped: all members down, a new connection to the frontend
-    reaches no member and is counted as drop_no_healthy_member."""
+    """All members down: a new inbound connection reaches no one and counts drop_no_healthy_member."""
     listeners = health_back
     gw = gateway(_config())
     _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "up"), 10)
@@ -217,8 +213,7 @@ def test_all_members_down_drops_new_inbound_flows(
 def test_a_reload_keeps_the_health_of_members_that_stay(
     lab: LabNames, gateway: h.GatewayFactory, listeners: MemberListeners
 ) -> None:
-    """After a reload (here: a longer idle timeout) the members are up at once, without
-    waiting for a probe, and no member went down."""
+    """A reload keeps member health: up at once, no member went down."""
     gw = gateway(_config())
     _wait_health(gw, dict.fromkeys(t.POOL_MEMBERS, "up"), 10)
     res = gw.reload(_config({"idle_timeout": 300}))

@@ -71,8 +71,7 @@ def rule_hits(gw: h.GatewayProc, backend: str) -> dict[str, int]:
 def test_an_outbound_deny_on_one_port(
     lab: LabNames, gateway: h.GatewayFactory, whoami_log: h.WhoamiLog, server_8000: MemberListeners
 ) -> None:
-    """A NIC group on pool web denying tcp/80 to Internet: curl to :80 fails and nothing
-    arrives, curl to :8000 works; drop_security_denied counts it, one flow_denied event."""
+    """An outbound deny on tcp/80: curl to :80 fails, :8000 works; counted, one flow_denied event."""
     deny = _rule("deny-http", 100, "deny", "tcp", "Internet", "80")
     gw = gateway(_config([{"name": "web-nsg", "attach": ["web"], "rules": [deny]}]))
     mark, mark8000 = whoami_log.mark(), server_8000.log(t.SERVER, OTHER_PORT).mark()
@@ -109,8 +108,7 @@ def test_an_outbound_deny_on_one_port(
 def test_deny_all_outbound_below_an_allow_rule(
     lab: LabNames, gateway: h.GatewayFactory, whoami_log: h.WhoamiLog, server_8000: MemberListeners
 ) -> None:
-    """allow tcp/80 at 100, deny everything at 4096: http leaves, udp and ping do not, and
-    `snatgw rules --json` counts a hit on each rule that decided."""
+    """allow tcp/80 above a deny-all: http leaves, udp and ping do not; rules --json counts hits."""
     rules = [_rule("allow-http", 100, "allow", "tcp", "*", "80"), _rule("deny-all-out", 4096, "deny")]
     gw = gateway(_config([{"name": "locked", "attach": [t.INSTANCE_BACKEND], "rules": rules}]))
     mark = whoami_log.mark()
@@ -140,9 +138,7 @@ def test_deny_all_outbound_below_an_allow_rule(
 def test_internet_and_virtual_network_tags(
     lab: LabNames, gateway: h.GatewayFactory, whoami_log: h.WhoamiLog
 ) -> None:
-    """address_space holding SERVER's /32 makes it VirtualNetwork: a subnet group denying
-    Internet still reaches SERVER but not SERVER2; a NIC group denying VirtualNetwork the
-    reverse. Either way what leaves is translated as before."""
+    """address_space decides the tags: SERVER/32 in it is VirtualNetwork, SERVER2 stays Internet."""
     space = {"address_space": ["10.10.0.0/16", f"{t.SERVER}/32"]}
     groups = [
         {"name": "no-internet", "attach": ["10.10.3.0/24"],
