@@ -13,7 +13,7 @@ job is a class in a module of its own, and each calls only the jobs below it:
 ``icmp_error``        ICMP errors about a flow, both ways
 ``in2out``            the per-packet path from a backend to the outside
 ``out2in``            the per-packet path back to a backend
-``table``             the whole, with the timers and the counters' view
+``table``             the whole: hairpinning, the timers and the counters' view
 ====================  =====================================================
 
 A chain of classes rather than objects holding each other keeps the
