@@ -203,6 +203,7 @@ def status(s: dict[str, Any]) -> str:
         f"metrics     {s['metrics'] or 'off'}",
         f"reloads     applied {s['reloads']['applied']}, rejected {s['reloads']['rejected']}",
         f"flows       {s['flows']}",
+        *_security_line(s),
         "",
         table(
             ("PUBLIC", "KIND", "NAME", "BACKENDS", "BLOCK-SIZE", "TIER"),
@@ -245,6 +246,17 @@ def health(rows: list[dict[str, Any]]) -> str:
             for r in rows
         ],
     )
+
+
+def _security_line(s: dict[str, Any]) -> list[str]:
+    """The tags and default the security groups resolve against, when the gateway sends them."""
+    if "address_space" not in s:
+        return []
+    space = ", ".join(s["address_space"]) or "-"
+    return [
+        f"security    VirtualNetwork {space}, AzureLoadBalancer {s.get('probe_source') or '-'}, "
+        f"inbound_default {s.get('inbound_default', 'deny')}"
+    ]
 
 
 def _control(c: dict[str, Any] | None) -> str:

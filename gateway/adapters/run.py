@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -163,6 +164,7 @@ class Gateway:
             control.start()
             self.log.info("gateway_ready", **self.describe())
             self.saver.start()
+            self._check_probe_source(cfg)
             self.prober.set_targets(self.table.probe_targets(), cfg.model.probe_source)
             self.prober.start()
             self.loop.run()
@@ -187,6 +189,21 @@ class Gateway:
             self.flush_events()
         self.log.info("gateway_stopped", counters=self.table.counters_dict(), flows=self.table.flow_count())
         return 0
+
+    def _check_probe_source(self, cfg: GatewayConfig) -> None:
+        """Warn when probes cannot be sent from ``probe_source`` (not an address of this
+        host): every probe then fails and its members stay down."""
+        source = cfg.model.probe_source
+        if not cfg.model.probes or not source:
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((ip_str(source), 0))
+            except OSError as e:
+                self.log.warning(
+                    "probe_source_unusable", probe_source=ip_str(source),
+                    problem=f"cannot bind a probe socket to it ({e.strerror}); every probe will fail",
+                )  # fmt: skip
 
     def flush_events(self) -> None:
         for ev in self.table.events:
@@ -255,6 +272,7 @@ class Gateway:
             iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=had)
             return self._reject(source, "(system)", str(e))
         system.remove_addresses(cfg.outside, gone)
+        self._check_probe_source(new)
         self.prober.set_targets(self.table.probe_targets(), new.model.probe_source)
         self.cfg = new
         self.publics = publics

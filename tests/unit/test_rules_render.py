@@ -109,3 +109,15 @@ def test_cli_rules_takes_backend_and_json() -> None:
     """`snatgw rules --backend IP --json` parses and asks the gateway for that backend."""
     args = build_parser().parse_args(["rules", "--backend", POOL[0], "--json"])
     assert args.backend == POOL[0] and args.json and args.command == "rules"
+
+
+def test_status_names_the_tags_security_groups_resolve_against() -> None:
+    """status shows address_space (VirtualNetwork), probe_source (AzureLoadBalancer) and inbound_default."""
+    base = {
+        "config": "/etc/x.toml", "uptime": 1.0, "queue": 0, "tcp_queue": None, "queue_client": "netlink",
+        "inside": "in0", "outside": "out0", "control_socket": "/run/s", "metrics": None,
+        "reloads": {"applied": 0, "rejected": 0}, "flows": 0, "addresses": [], "pools": [],
+        "address_space": ["10.10.0.0/16"], "probe_source": "10.10.0.1", "inbound_default": "deny",
+    }  # fmt: skip
+    line = "security    VirtualNetwork 10.10.0.0/16, AzureLoadBalancer 10.10.0.1, inbound_default deny"
+    assert line in show.status(base).splitlines()
