@@ -115,15 +115,19 @@ class In2Out(IcmpErrors):
                 return DROP
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
             f = self._icmp_inside.get(key)
-            if typ == ICMP_ECHO_REPLY:
-                # Only a backend answering a ping opened from the outside (an instance IP).
-                if f is None or not f.inbound:
+            if f is None:
+                if typ == ICMP_ECHO_REPLY:
+                    # A reply only answers a ping opened from the outside (an instance IP).
                     self.counters[_D_UNSUPPORTED] += 1
                     return DROP
-            elif f is None:
                 f = self._new_flow(buf, ihl, PROTO_ICMP, key, now)
                 if f is None:
                     return DROP
+            elif f.inbound != (typ == ICMP_ECHO_REPLY):
+                # A flow carries requests one way only: no reply on the backend's own
+                # ping, no request on one opened from the outside (same identifier).
+                self.counters[_D_UNSUPPORTED] += 1
+                return DROP
             f.last_seen = now
             f.pkts_out += 1
             f.bytes_out += n

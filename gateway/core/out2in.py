@@ -80,37 +80,37 @@ class Out2In(IcmpErrors):
         return ACCEPT_MODIFIED_MARK
 
     def _icmp_out2in(self, buf: Buffer, ihl: int, n: int, now: float) -> Verdict:
-        """An echo reply to a live echo flow, an echo request to an instance IP (a
-        flow opened from the outside), or an error about a live flow; any other
-        protocol has no flow here. An echo with a wrong ICMP checksum is dropped
-        (``drop_bad_checksum``): it opens and refreshes nothing."""
+        """An echo reply to a backend's own ping flow, an echo request to an instance
+        IP (a flow opened from the outside, or a later request of it), or an error
+        about a live flow; any other protocol has no flow here. An echo with a
+        wrong ICMP checksum is dropped (``drop_bad_checksum``): it opens and
+        refreshes nothing."""
         typ = buf[ihl]
         if buf[9] == PROTO_ICMP and typ in ICMP_ERRORS:
             return self._icmp_error(buf, ihl, n, False)
-        f = None
-        if buf[9] == PROTO_ICMP:
-            key = bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
-            f = self._icmp_outside.get(key)
-            if typ == ICMP_ECHO_REQUEST and (f is None or not f.inbound):
-                # A ping to an instance IP (docs/model.md, "Inbound"); a request
-                # never rides a flow the backend opened.
-                if f is not None:
-                    self.counters[_D_NO_FLOW] += 1
-                    return DROP
-                if not icmp_checksum_ok(buf, ihl, n):
-                    self.counters[_D_BAD_CHECKSUM] += 1
-                    return DROP
-                f = self._open_inbound(buf, ihl, PROTO_ICMP, key, now)
-                if f is None:
-                    return DROP
-            elif f is None:
+        if buf[9] != PROTO_ICMP:
+            self.counters[_D_NO_FLOW] += 1
+            return DROP
+        key = bytes(buf[12:20]) + ZERO2 + bytes(buf[ihl + 4 : ihl + 6])
+        f = self._icmp_outside.get(key)
+        # A flow carries requests one way and replies the other: from the outside,
+        # a request rides only a ping opened from the outside (or opens one to an
+        # instance IP, docs/model.md "Inbound"), a reply only the backend's own.
+        if f is None:
+            if typ != ICMP_ECHO_REQUEST:
                 self.counters[_D_NO_FLOW] += 1
                 return DROP
-            elif not icmp_checksum_ok(buf, ihl, n):
+            if not icmp_checksum_ok(buf, ihl, n):
                 self.counters[_D_BAD_CHECKSUM] += 1
                 return DROP
-        else:
+            f = self._open_inbound(buf, ihl, PROTO_ICMP, key, now)
+            if f is None:
+                return DROP
+        elif f.inbound != (typ == ICMP_ECHO_REQUEST):
             self.counters[_D_NO_FLOW] += 1
+            return DROP
+        elif not icmp_checksum_ok(buf, ihl, n):
+            self.counters[_D_BAD_CHECKSUM] += 1
             return DROP
         buf[16:20] = f.backend_b
         H.pack_into(buf, 10, apply(buf[10] << 8 | buf[11], f.out2in_ip))

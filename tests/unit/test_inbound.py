@@ -442,3 +442,29 @@ def test_ports_of_an_instance_ip_member_count_only_its_own_address() -> None:
     deliver(t, tcp(CLIENT, INSTANCE_PUBLIC, 40000, 22))
     (row,) = views.ports(t, 1.0, 1000.0, ip(INSTANCE))
     assert row["in_use"] == {"tcp": 1} and row["flows"] == 2
+
+
+def test_an_inbound_ping_flow_carries_requests_in_and_replies_out_only(t: TranslationTable) -> None:
+    """On a ping flow opened from the outside, an echo reply from the remote and an echo request
+    from the backend with its identifier are dropped: a flow carries requests one way only."""
+    assert t.out2in(echo(CLIENT, INSTANCE_PUBLIC, 4242), 0.0) == ACCEPT_MODIFIED_MARK
+    assert t.out2in(echo(CLIENT, INSTANCE_PUBLIC, 4242, reply=True), 0.1) == DROP
+    assert t.in2out(echo(INSTANCE, CLIENT, 4242), 0.2) == DROP
+    c = t.counters_dict()
+    assert c["drop_no_flow"] == 1 and c["drop_unsupported"] == 1
+    (f,) = inbound_flows(t)
+    assert (f.pkts_in, f.pkts_out, f.last_seen) == (1, 0, 0.0)
+    # The flow still works its own way.
+    assert t.out2in(echo(CLIENT, INSTANCE_PUBLIC, 4242), 0.3) == ACCEPT_MODIFIED_MARK
+    assert t.in2out(echo(INSTANCE, CLIENT, 4242, reply=True), 0.4) == ACCEPT_MODIFIED
+
+
+def test_an_outbound_ping_flow_takes_no_request_from_the_outside(t: TranslationTable) -> None:
+    """A backend's own ping flow: the remote's reply passes, a request from the remote with the
+    same identifier is dropped (it opens nothing and rides nothing)."""
+    req = echo(INSTANCE, CLIENT, 77)
+    assert t.in2out(req, 0.0) == ACCEPT_MODIFIED
+    ident = describe(req).sport
+    assert t.out2in(echo(CLIENT, INSTANCE_PUBLIC, ident), 0.1) == DROP
+    assert t.out2in(echo(CLIENT, INSTANCE_PUBLIC, ident, reply=True), 0.2) == ACCEPT_MODIFIED_MARK
+    assert t.counters_dict()["drop_no_flow"] == 1 and not inbound_flows(t)
