@@ -26,6 +26,7 @@ from random import Random
 
 from gateway.core.counters import COUNTER_NAMES, Counter
 from gateway.core.events import Event
+from gateway.core.flow import EndReason
 from gateway.core.header import Buffer, l4_offset
 from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ZERO2
 from gateway.core.in2out import In2Out
@@ -51,46 +52,76 @@ class TranslationTable(In2Out, Out2In):
         LB rule, an inbound NAT rule or an instance IP), so the target sees the
         sender's public address exactly as a remote's. Its answer comes back the
         same way, through the target's flow and then the sender's. Either half
-        failing drops the packet, counted by that half's reason; a packet that
-        matches no flow toward a destination nothing serves is dropped
-        (``drop_no_flow``) before an outbound flow is made for it.
+        failing drops the packet, counted by that half's reason, and never
+        leaves a flow behind for it: a packet that matches no flow of its sender
+        is dropped before an outbound flow is made when its destination is
+        served by nothing (``drop_no_flow``), by an LB rule with every member
+        down (``drop_no_healthy_member``), or is a TCP segment other than a SYN
+        (no flow of the target can match it, ``drop_no_flow``); when the
+        target's half refuses it after all (its security groups, a flow cap),
+        the outbound flow just made for it is ended at once
+        (``flows_ended_closed``), so a refused hairpin holds no port.
         """
         n = len(buf)
         ihl = l4_offset(buf, n)
         if ihl < 0:
             self.counters[-ihl] += 1
             return DROP
-        if not self._hairpin_served(buf, ihl):
-            self.counters[Counter.DROP_NO_FLOW] += 1
+        proto = buf[9]
+        key = self._hairpin_new_key(buf, ihl, proto)
+        if key is None:
             return DROP
         if self.in2out(buf, now) == DROP:
             return DROP
         verdict = self.out2in(buf, now)
-        if verdict != DROP:
-            self.counters[Counter.HAIRPIN_TRANSLATED] += 1
+        if verdict == DROP:
+            if key:
+                f = self.inside[proto].get(key)
+                if f is not None:
+                    self.end_flow(f, EndReason.CLOSED, now)
+            return DROP
+        self.counters[Counter.HAIRPIN_TRANSLATED] += 1
         return verdict
 
-    def _hairpin_served(self, buf: Buffer, ihl: int) -> bool:
-        """Whether a hairpinned packet can get through: its sender has a flow for
-        it already (a reply, or a later packet), or its destination is served
-        from the outside (TCP and UDP: an LB rule, an inbound NAT rule or an
-        instance IP; an echo request: an instance IP). ICMP errors go on to the
-        two halves, which translate them only about a live flow."""
-        proto = buf[9]
+    def _hairpin_new_key(self, buf: Buffer, ihl: int, proto: int) -> bytes | None:
+        """Whether a hairpinned packet can get through, before anything is made for
+        it: b"" when its sender has a flow for it already (a reply, a later
+        packet) or it is an ICMP error (the two halves translate those only
+        about a live flow); the inside key of the outbound flow the source half
+        will make when its destination is served from the outside (TCP SYN and
+        UDP: an LB rule with a member up, an inbound NAT rule or an instance IP;
+        an echo request: an instance IP); None (counted) otherwise."""
         dst = int.from_bytes(buf[16:20], "big")
+        c = self.counters
         if proto == PROTO_ICMP:
             typ = buf[ihl]
             if typ != ICMP_ECHO_REQUEST and typ != ICMP_ECHO_REPLY:
-                return True
+                return b""
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
-            return key in self._icmp_inside or (typ == ICMP_ECHO_REQUEST and dst in self.instance_inbound)
+            if key in self._icmp_inside:
+                return b""
+            if typ == ICMP_ECHO_REQUEST and dst in self.instance_inbound:
+                return key
+            c[Counter.DROP_NO_FLOW] += 1
+            return None
         if proto != PROTO_TCP and proto != PROTO_UDP:
-            return True
+            return b""
         key = bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
         if key in self.inside[proto]:
-            return True
-        port = buf[ihl + 2] << 8 | buf[ihl + 3]
-        return (proto, dst, port) in self.inbound_index or dst in self.instance_inbound
+            return b""
+        if proto == PROTO_TCP and buf[ihl + 13] & 0x17 != 0x02:
+            c[Counter.DROP_NO_FLOW] += 1
+            return None
+        t = self.inbound_index.get((proto, dst, buf[ihl + 2] << 8 | buf[ihl + 3]))
+        if t is not None:
+            if t.healthy:
+                return key
+            c[Counter.DROP_NO_HEALTHY_MEMBER] += 1
+            return None
+        if dst in self.instance_inbound:
+            return key
+        c[Counter.DROP_NO_FLOW] += 1
+        return None
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next needs to run (None: nothing pending)."""

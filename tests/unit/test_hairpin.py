@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.model import Distribution, InboundNatRule, LbRule, Pool
+from gateway.core.model import Distribution, InboundNatRule, LbRule, Pool, Probe
 from gateway.core.packet import checksums_ok, describe
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
@@ -91,6 +91,40 @@ def test_a_denied_destination_half_drops_the_packet() -> None:
     assert t.hairpin(tcp(STANDALONE, FRONTEND, 40000, 80), 0.0) == DROP
     c = t.counters_dict()
     assert c["drop_security_denied"] == 1 and c["hairpin_translated"] == 0
+
+
+def test_a_refused_destination_half_leaves_the_sender_no_flow_and_no_port() -> None:
+    """A hairpin the target refuses (denied, all members down, a non-SYN toward no flow) ends
+    the outbound flow its source half made for it at once: the sender holds no port for it."""
+    t = TranslationTable(inbound_model(inbound_default_allow=False), 0.0)
+    assert t.hairpin(tcp(POOL[0], FRONTEND, 40000, 80), 0.0) == DROP
+    assert t.hairpin(udp(POOL[0], INSTANCE_PUBLIC, 40000, 53), 0.0) == DROP
+    assert t.hairpin(echo(POOL[0], INSTANCE_PUBLIC, 7), 0.0) == DROP
+    assert t.counters_dict()["drop_security_denied"] == 3
+    assert t.flow_count() == 0
+    assert all(inv.in_use == 0 for inv in t.backends[ip(POOL[0])].block.inventories.values())
+    down = TranslationTable(
+        inbound_model(
+            probes=(Probe("p", "tcp", 8080),),
+            lb_rules=(LbRule("http", "fe-web", "web", "tcp", 80, 8080, probe="p"),),
+        ),
+        0.0,
+    )
+    assert down.hairpin(tcp(INSTANCE, FRONTEND, 40000, 80), 0.0) == DROP
+    assert down.hairpin(tcp(INSTANCE, FRONTEND, 40001, 80, "PA", b"x"), 0.0) == DROP
+    c = down.counters_dict()
+    assert c["drop_no_healthy_member"] == 1 and c["drop_no_flow"] == 1 and down.flow_count() == 0
+
+
+def test_a_live_hairpin_connection_keeps_its_flows_when_one_packet_is_refused() -> None:
+    """A refused packet on a live hairpin connection drops only that packet; no flow ends."""
+    t = TranslationTable(inbound_model(), 0.0)
+    src, sport, dst, _ = hairpin(t, tcp(INSTANCE, FRONTEND, 40000, 80))
+    assert t.flow_count() == 2
+    # An out-of-window RST (the target's half refuses it) leaves both flows alive.
+    hairpin(t, tcp(dst, src, 8080, sport, "SA", seq=100, ack=1), 0.1)
+    assert t.hairpin(tcp(INSTANCE, FRONTEND, 40000, 80, "R", seq=0x7FFF0000), 0.2) == DROP
+    assert t.flow_count() == 2 and t.counters_dict()["drop_tcp_out_of_window"] == 1
 
 
 def test_source_ip_affinity_holds_for_hairpinned_clients() -> None:
