@@ -111,6 +111,20 @@ def test_round_trip_keeps_every_mapping_port_and_block() -> None:
         assert describe(reply).dst == POOL[0]
 
 
+def test_a_file_of_the_release_before_inbound_flows_still_restores() -> None:
+    """A state file without the ``inbound`` and ``idle`` columns (written before issue 10)
+    restores every flow as an outbound one with the table's own timeout."""
+    t = busy_table()
+    data = json.loads(persist.encode(persist.snapshot(t, 100.0, 1000.0)))
+    names = data["flow_fields"]
+    gone = {names.index("inbound"), names.index("idle")}
+    data["flow_fields"] = [n for i, n in enumerate(names) if i not in gone]
+    data["flows"] = [[x for i, x in enumerate(row) if i not in gone] for row in data["flows"]]
+    t2, s = restored(data)
+    assert mappings(t2) == mappings(t) and s.restored == t.flow_count() and s.dropped_denied == 0
+    assert not any(f.inbound or f.idle for d in t2.inside.values() for f in d.values())
+
+
 def test_ageing_by_wall_clock_expires_and_keeps_the_rest() -> None:
     """Idle age plus the wall time the gateway was down decides; the rest keeps its remaining time."""
     t = TranslationTable(lab_model(timeouts=Timeouts(idle=60.0)), now=0.0)
