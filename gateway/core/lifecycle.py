@@ -56,6 +56,17 @@ HOG_RESCAN = 1.0
 _STATE_OPEN = (TcpState.SYN_SENT, TcpState.CLOSED, TcpState.RESET)
 
 
+def _replied(f: Flow) -> bool:
+    """Whether a flow saw a reply, so early drop never ends it (conntrack's "assured").
+    A flow the backend opened: the remote answered. One opened from the outside:
+    the backend answered and, for TCP, the remote spoke again after its SYN (its
+    handshake ACK): a spoofed SYN flood that the backend answers with SYN-ACKs
+    to nowhere stays droppable, as conntrack keeps SYN_RECV unassured."""
+    if not f.inbound:
+        return f.pkts_in > 0
+    return f.pkts_out > 0 and (f.proto != PROTO_TCP or f.pkts_in > 1)
+
+
 class FlowLifecycle(TableState):
     """Starting, ending and expiring flows."""
 
@@ -290,8 +301,7 @@ class FlowLifecycle(TableState):
             if not line:
                 return False
             f, _none = line.popitem(last=False)
-            # The reply of an inbound flow is the backend's answer.
-            if not (f.pkts_out if f.inbound else f.pkts_in) and self.inside[f.proto].get(f.inside_key) is f:
+            if not _replied(f) and self.inside[f.proto].get(f.inside_key) is f:
                 self.end_flow(f, EndReason.EARLY_DROP, now)
                 return True
         return False

@@ -308,10 +308,34 @@ def test_flow_caps_count_inbound_flows_and_early_drop_the_unanswered() -> None:
     t = TranslationTable(m, 0.0)
     deliver(t, tcp(CLIENT, FRONTEND, 40000, 80))
     out(t, tcp(POOL[0], CLIENT, 8080, 40000, "SA"), 0.1)
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, "A", seq=1), 0.15)
     deliver(t, tcp(CLIENT, FRONTEND, 40001, 80), 0.2)
     deliver(t, tcp(CLIENT, FRONTEND, 40002, 80), 0.3)
     assert t.counters_dict()["flows_ended_early_drop"] == 1
     assert {f.remote_port for f in inbound_flows(t)} == {40000, 40002}
+
+
+def test_an_inbound_syn_flood_the_backend_answers_stays_early_droppable() -> None:
+    """Spoofed SYNs the member answers with SYN-ACKs (no handshake ACK ever comes) make room
+    for a new client at the per-backend cap; a completed handshake is never early-dropped."""
+    m = inbound_model(
+        max_flows_per_backend=3,
+        lb_rules=(LbRule("h", "fe-web", "web", "tcp", 80, 8080),),
+        pools=lab_model(members=(POOL[0],)).pools,
+    )
+    t = TranslationTable(m, 0.0)
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, seq=10))
+    out(t, tcp(POOL[0], CLIENT, 8080, 40000, "SA", seq=100, ack=11), 0.1)
+    deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, "A", seq=11, ack=101), 0.2)
+    for i in range(2):
+        spoofed = f"203.0.113.{100 + i}"
+        deliver(t, tcp(spoofed, FRONTEND, 1000, 80, seq=10), 0.3)
+        out(t, tcp(POOL[0], spoofed, 8080, 1000, "SA", seq=100, ack=11), 0.4)
+    for i in range(3):
+        deliver(t, tcp(CLIENT, FRONTEND, 41000 + i, 80), 1.0 + i)
+    c = t.counters_dict()
+    assert c["flows_ended_early_drop"] == 3 and c["drop_flow_limit"] == 0
+    assert 40000 in {f.remote_port for f in inbound_flows(t)}
 
 
 def test_reload_keeps_live_inbound_flows_and_applies_new_rules_to_new_flows(t: TranslationTable) -> None:
