@@ -157,3 +157,15 @@ def test_inbound_entry_points_never_raise(data: bytes, entry: str) -> None:
     m = inbound_model(inbound_nat_rules=(InboundNatRule("ssh", "fe-web", "tcp", 50001, ip(POOL[1]), 22),))
     t = TranslationTable(m, 0.0)
     assert getattr(t, entry)(bytearray(data), 1.0) in (0, 1, 2, 3)
+
+
+def test_an_instance_ip_backend_reaches_its_own_public_address_but_cannot_ping_it() -> None:
+    """TCP from a backend to its own instance IP comes back to it (from that IP); a ping of its
+    own instance IP is dropped and leaves no flow (the request and its flow would share a key)."""
+    t = TranslationTable(inbound_model(), 0.0)
+    assert hairpin(t, tcp(INSTANCE, INSTANCE_PUBLIC, 40000, 22)) == (INSTANCE_PUBLIC, 40000, INSTANCE, 22)
+    back = hairpin(t, tcp(INSTANCE, INSTANCE_PUBLIC, 22, 40000, "SA"), 0.1)
+    assert back == (INSTANCE_PUBLIC, 22, INSTANCE, 40000)
+    assert t.flow_count() == 2
+    assert t.hairpin(echo(INSTANCE, INSTANCE_PUBLIC, 5), 0.2) == DROP
+    assert t.flow_count() == 2 and t.counters_dict()["drop_no_flow"] == 1
