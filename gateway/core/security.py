@@ -41,6 +41,11 @@ MAX_PORT = 0xFFFF
 ALL_PORTS: tuple[Span, ...] = ((0, MAX_PORT),)
 #: A denial event per backend and rule at most this often (seconds).
 DENIAL_EVENT_INTERVAL = 60.0
+#: Distinct (backend, rule) denial counts kept. Sources a subnet group covers are
+#: any address of its prefix (an inside host may spoof them), so past this many
+#: the denials count under backend 0 (0.0.0.0, "other backends") and share one
+#: event gate per rule: memory, metric series and events stay bounded.
+DENIAL_KEYS_LIMIT = 4096
 #: Group lookups of unconfigured sources kept (a cache of a cheap bisect; cleared when full).
 CACHE_LIMIT = 65536
 #: Protocols whose flows carry ports; any other (ICMP among them) matches only rules
@@ -448,14 +453,19 @@ class SecurityPolicy:
     ) -> FlowDenied | None:
         """Count a denied flow per backend and deciding rule; an event for the first
         per backend and rule in :data:`DENIAL_EVENT_INTERVAL` (``suppressed``: the
-        ones held back since the last)."""
+        ones held back since the last). Past :data:`DENIAL_KEYS_LIMIT` pairs a new
+        backend counts under backend 0 with one gate per rule (its event still
+        names it)."""
         if decision.rules:
             ref = decision.rules[-1]
-            key = (backend, ref.index)
+            index = ref.index
             group, rule, direction = ref.group, ref.name, str(ref.direction)
         else:
-            key = (backend, -1)
+            index = -1
             group, rule, direction = "", decision.label, str(_IN)
+        key = (backend, index)
+        if key not in self.denials and len(self.denials) >= DENIAL_KEYS_LIMIT:
+            key = (0, index)
         self.denials[key] = self.denials.get(key, 0) + 1
         gate = self._gates.get(key)
         if gate is None:

@@ -367,6 +367,27 @@ def test_record_denial_counts_and_gates_events() -> None:
     assert p.denials == {(WEB1, index): 4, (WEB2, index): 1}
 
 
+def test_denials_of_many_sources_stay_bounded_in_memory_and_events() -> None:
+    """Denied flows from more sources than DENIAL_KEYS_LIMIT (an inside host spoofing addresses
+    of a subnet group): past the limit they count under backend 0.0.0.0 and share one event gate
+    per rule, so counts, gates and events stay bounded; known backends keep their own rows."""
+    p = SecurityPolicy(model(subnet(rule("deny-25", 100, allow=False, protocol=TCP, dports=((25, 25),)))))
+    limit = security.DENIAL_KEYS_LIMIT
+    base = ip("10.10.0.0")
+    events = 0
+    for i in range(limit + 500):
+        src = base + 1 + i
+        d = p.outbound(src, TCP, src, 1, SERVER, 25)
+        events += p.record_denial(src, d, SERVER, 25, TCP, 100.0) is not None
+    index = d.rules[0].index
+    assert len(p.denials) == limit + 1 and len(p._gates) == limit + 1
+    assert p.denials[(0, index)] == 500 and events == limit + 1
+    assert sum(p.denials.values()) == limit + 500
+    first = base + 1
+    assert p.record_denial(first, d, SERVER, 25, TCP, 200.0) is not None
+    assert p.denials[(first, index)] == 2
+
+
 def test_record_denial_without_group() -> None:
     """A denial by inbound_default counts under rule index -1 and names inbound_default."""
     p = SecurityPolicy(model())
