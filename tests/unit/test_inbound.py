@@ -196,6 +196,30 @@ def test_inbound_tcp_states_fin_both_ways_lingers_and_out_of_window_rst_is_dropp
     assert f.state == TcpState.CLOSED
 
 
+def test_a_retransmitted_syn_keeps_its_member_and_a_backend_rst_resets_the_flow() -> None:
+    """A SYN sent again after its member went down still reaches that member (a flow stays on
+    its member); the member's RST puts the flow in the RST linger; an out-of-window FIN from
+    the outside is dropped once the backend's window is known."""
+    m = inbound_model(
+        probes=(Probe("p", "tcp", 8080),),
+        lb_rules=(LbRule("http", "fe-web", "web", "tcp", 80, 8080, probe="p"),),
+    )
+    t = TranslationTable(m, 0.0)
+    for member in POOL:
+        t.probe_result("p", ip(member), True, 0.0)
+    dst, _ = deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, seq=10), 0.1)
+    for k in range(2):
+        t.probe_result("p", ip(dst), False, 0.2 + k)
+    assert ip(dst) not in t.inbound_index[(PROTO_TCP, ip(FRONTEND), 80)].healthy
+    assert deliver(t, tcp(CLIENT, FRONTEND, 40000, 80, seq=10), 3.0)[0] == dst
+    out(t, tcp(dst, CLIENT, 8080, 40000, "SA", seq=500, ack=11, window=100), 3.1)
+    (f,) = inbound_flows(t)
+    assert t.out2in(tcp(CLIENT, FRONTEND, 40000, 80, "FA", seq=11 + 2**30, ack=501), 3.2) == DROP
+    assert f.state == TcpState.ESTABLISHED
+    out(t, tcp(dst, CLIENT, 8080, 40000, "RA", seq=501, ack=11), 3.3)
+    assert f.state == TcpState.RESET and f.timeout == t.timeouts.tcp_rst_linger
+
+
 def test_all_members_down_drops_and_counts() -> None:
     """With a probe and no member up yet, a new inbound flow is drop_no_healthy_member."""
     m = inbound_model(
@@ -207,6 +231,22 @@ def test_all_members_down_drops_and_counts() -> None:
     assert t.counters_dict()["drop_no_healthy_member"] == 1 and t.flow_count() == 0
     t.probe_result("p", ip(POOL[2]), True, 1.0)
     assert {deliver(t, tcp(CLIENT, FRONTEND, 40000 + i, 80), 2.0)[0] for i in range(10)} == {POOL[2]}
+
+
+def test_a_udp_flood_to_a_rule_with_every_member_down_is_counted_and_does_no_work() -> None:
+    """Datagrams to a UDP rule whose members are all down: each counted, no flow, no rule
+    evaluated, no event (the check comes before anything per flow)."""
+    m = inbound_model(
+        probes=(Probe("p", "tcp", 8080),),
+        lb_rules=(LbRule("dns", "fe-web", "web", "udp", 53, 5353, probe="p"),),
+        security_groups=(SecurityGroup("g", (), pools=("web",)),),
+    )
+    t = TranslationTable(m, 0.0)
+    t.events.clear()
+    for i in range(500):
+        assert t.out2in(udp(CLIENT, FRONTEND, 1024 + i, 53), 0.0) == DROP
+    assert t.counters_dict()["drop_no_healthy_member"] == 500
+    assert t.flow_count() == 0 and sum(t.security.hits) == 0 and not t.events
 
 
 def test_inbound_nat_rule_forwards_one_port_to_one_backend() -> None:
