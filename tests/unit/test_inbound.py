@@ -406,6 +406,34 @@ def test_removing_a_frontend_ends_its_inbound_flows_also_for_an_instance_ip_memb
     assert not inbound_flows(t)
 
 
+def test_a_removed_lb_rule_keeps_live_flows_and_a_removed_member_ends_its_own() -> None:
+    """Reload without the LB rule: a live inbound flow runs on both ways, a new SYN to the
+    port is dropped, and PAT ports handed out later never take the live flow's key; a
+    member taken out of the pool loses its inbound flows."""
+    keep = LbRule("https", "fe-web", "web", "tcp", 443, 8443)
+    m = inbound_model(
+        pools=lab_model(members=(POOL[0], POOL[1])).pools,
+        lb_rules=(LbRule("http", "fe-web", "web", "tcp", 80, 8080), keep),
+    )
+    t = TranslationTable(m, 0.0)
+    flows = {}
+    for i in range(12):
+        dst, _ = deliver(t, tcp(CLIENT, FRONTEND, 40000 + i, 80))
+        flows.setdefault(dst, 40000 + i)
+    assert set(flows) == {POOL[0], POOL[1]}
+    t.reconfigure(replace(m, lb_rules=(keep,)), 1.0)
+    assert deliver(t, tcp(CLIENT, FRONTEND, flows[POOL[0]], 80, "A", seq=1), 2.0)[0] == POOL[0]
+    _, src, _ = out(t, tcp(POOL[0], CLIENT, 8080, flows[POOL[0]], "A", seq=1, ack=1), 2.1)
+    assert src == FRONTEND
+    assert t.out2in(tcp(CLIENT, FRONTEND, 45000, 80), 2.2) == DROP
+    live = {f.outside_key for f in inbound_flows(t)}
+    for i in range(40):
+        out(t, tcp(POOL[1], CLIENT, 30000 + i, flows[POOL[0]]), 2.3)
+    assert live <= {f.outside_key for d in t.outside.values() for f in d.values() if f.inbound}
+    t.reconfigure(replace(m, lb_rules=(keep,), pools=lab_model(members=(POOL[1],)).pools), 3.0)
+    assert {f.backend for f in inbound_flows(t)} == {ip(POOL[1])}
+
+
 def test_unopened_paths_are_reported_once_at_start_and_again_only_when_new() -> None:
     """inbound_not_opened: at start for every closed path; a reload repeats none, adds new ones."""
     m = inbound_model(inbound_default_allow=False)
