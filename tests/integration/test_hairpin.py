@@ -8,16 +8,18 @@ member that answered and the source it saw, and their log records the same.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.lab import configtext
+from gateway.lab import clients, configtext
 from gateway.lab import layout as t
 from gateway.lab.inbound import MemberAnswer, MemberListeners, parse_member_answer
 from gateway.lab.layout import LabNames
+from gateway.lab.procs import ProcessSet
 from tests.integration import helpers as h
 
 pytestmark = pytest.mark.integration
@@ -108,3 +110,38 @@ def test_a_member_landing_on_itself_sees_its_own_frontend(lab: LabNames, gw: h.G
     assert {a.src for a in answers} == {t.FRONTEND_IP}
     assert all(1024 <= a.sport < 1024 + BLOCK for a in answers), [a.sport for a in answers]
     assert any(a.member == t.POOL_MEMBERS[0] for a in answers), {a.member for a in answers}
+
+
+def _counter(gw: h.GatewayProc, name: str) -> int:
+    n: int = gw.ask("stats")["counters"][name]
+    return n
+
+
+def test_a_backend_pings_an_instance_ip_but_not_its_own(lab: LabNames, gw: h.GatewayProc) -> None:
+    """10.10.3.1 pings 198.51.100.20 through the hairpin and gets its answers; 10.10.2.1 pinging
+    its own instance IP gets none (dropped, never passed)."""
+    before = _counter(gw, "hairpin_translated")
+    res = clients.ping(lab.be, t.STANDALONE[0], t.INSTANCE_PUBLIC, count=2, interval=0.2)
+    assert res.returncode == 0, res.stdout.decode()
+    assert _counter(gw, "hairpin_translated") >= before + 4
+    own = clients.ping(lab.be, t.INSTANCE_BACKEND, t.INSTANCE_PUBLIC, count=1, wait=1)
+    assert own.returncode != 0 and b" 0 received" in own.stdout, own.stdout.decode()
+
+
+def test_an_unserved_public_port_never_reaches_the_gateway_host(lab: LabNames, gw: h.GatewayProc) -> None:
+    """A listener of the gateway host on 0.0.0.0:81 is not reached at frontend:81 from a backend
+    or from the internet (queued and dropped, drop_no_flow); the host itself reaches it."""
+    url = f"http://{t.FRONTEND_IP}:81/"
+    procs = ProcessSet()
+    try:
+        procs.start(lab.gw, [sys.executable, "-m", "http.server", "81", "--bind", "0.0.0.0"])
+        h.wait_until(
+            lambda: clients.curl(lab.gw, t.FRONTEND_IP, url, max_time=1).returncode == 0, 10,
+            what="the host's own listener answers on frontend:81",
+        )  # fmt: skip
+        before = _counter(gw, "drop_no_flow")
+        assert h.curl(lab, t.STANDALONE[0], url, max_time=2).returncode != 0
+        assert clients.curl(lab.inet, t.SERVER, url, max_time=2).returncode != 0
+        assert _counter(gw, "drop_no_flow") >= before + 2
+    finally:
+        procs.stop_all()
