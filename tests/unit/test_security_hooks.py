@@ -127,6 +127,22 @@ def test_reload_applies_new_rules_to_new_flows_only() -> None:
     assert t.security.hits[t.security.refs.index(next(r for r in t.security.refs if r.name == "no-udp"))] == 1
 
 
+def test_a_reload_forgets_the_group_lookups_of_standalone_sources() -> None:
+    """A standalone seen with no group, then a reload that attaches a subnet group denying it:
+    its live flow runs on, its next new flow is denied (the old lookup was not kept)."""
+    t = TranslationTable(inbound_model(), 0.0)
+    sport, _, _ = out(t, udp(STANDALONE, SERVER, 1000, 53))
+    g = SecurityGroup(
+        "sub",
+        (rule("none-out", 100, Direction.OUTBOUND, False),),
+        prefixes=((ip("10.10.3.0"), ip("10.10.3.255")),),
+    )
+    t.reconfigure(inbound_model(security_groups=(g,)), 1.0)
+    assert out(t, udp(STANDALONE, SERVER, 1000, 53), 2.0)[0] == sport
+    assert t.in2out(udp(STANDALONE, SERVER, 1001, 53), 2.0) == DROP
+    assert t.counters_dict()["drop_security_denied"] == 1
+
+
 def test_restore_asks_the_current_rules_again() -> None:
     """A saved outbound flow the new groups deny is not restored (fail closed); an allowed one is."""
     t = TranslationTable(inbound_model(), 0.0)
