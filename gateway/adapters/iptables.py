@@ -9,10 +9,12 @@ is one commit, so there is never a moment with half a rule set or none
 (docs/kernel.md, "Pitfalls", "Delete-then-install leaks").
 
 What the rules do:
-- raw PREROUTING: no conntrack for forwarded inside traffic and for traffic
-  to the public addresses, from the outside and (hairpin) from the inside
-  (the kernel must not track tuples we rewrite); one
-  ``-m socket`` rule that never matches (``-i lo``) but makes the kernel
+- raw PREROUTING: packets arriving on the outside with one of the public
+  addresses as their source are dropped (forged: only a hairpinned sender
+  has such a source, and it never crosses the outside); no conntrack for
+  forwarded inside traffic and for traffic to the public addresses, from
+  the outside and (hairpin) from the inside (the kernel must not track
+  tuples we rewrite); one ``-m socket`` rule that never matches (``-i lo``) but makes the kernel
   reassemble IPv4 fragments in this namespace without conntrack
   (docs/kernel.md, "Fragments");
 - mangle PREROUTING: mark forwarded inside traffic; queue traffic arriving
@@ -98,6 +100,10 @@ def ruleset(
     body: dict[str, list[str]] = {t: [] for t in TABLES}
     raw, mangle, filt = body["raw"], body["mangle"], body["filter"]
     if translate:
+        # From the outside, a public address of ours as the source is forged (a
+        # hairpinned sender is never seen there): dropped before it can open or
+        # touch a flow (docs/kernel.md, "Hairpin").
+        raw += [f"-A SNATGW-PRE -i {outside} -s {p}/32 -j DROP" for p in pubs]
         raw.append(f"-A SNATGW-PRE {fwd_inside} -j CT --notrack")
         raw += [f"-A SNATGW-PRE -i {outside} -d {p}/32 -j CT --notrack" for p in pubs]
         raw += [f"-A SNATGW-PRE -i {inside} -d {p}/32 -j CT --notrack" for p in pubs]

@@ -20,6 +20,7 @@ from gateway.lab import clients, configtext
 from gateway.lab import layout as t
 from gateway.lab.inbound import MemberAnswer, MemberListeners, parse_member_answer
 from gateway.lab.layout import LabNames
+from gateway.lab.netns import ns_run
 from gateway.lab.procs import ProcessSet
 from tests.integration import helpers as h
 
@@ -172,3 +173,35 @@ def test_a_bulk_download_through_the_hairpin_arrives_intact(
         assert _counter(gw, "hairpin_translated") > before
     finally:
         procs.stop_all()
+
+
+FORGE = """
+import sys
+from scapy.all import IP, TCP, UDP, send
+src, dst = sys.argv[1], sys.argv[2]
+for i in range(5):
+    send(IP(src=src, dst=dst) / TCP(sport=40000 + i, dport=80, flags="S"), verbose=False)
+    send(IP(src=src, dst=dst) / UDP(sport=40000 + i, dport=5000) / b"x", verbose=False)
+"""
+
+
+def test_the_internet_cannot_speak_as_a_public_address_of_the_gateway(
+    lab: LabNames, gw: h.GatewayProc
+) -> None:
+    """SYNs and datagrams from the internet forged with a default SNAT address (what a hairpinned
+    sender looks like) as their source open no flow and reach nothing: dropped before the queue.
+    Control: the same packets from the internet host's own address open flows."""
+    def created() -> int:
+        return _counter(gw, "inbound_flows_created")
+
+    before = created()
+    for src in (t.DEFAULT_SNAT[0], t.FRONTEND_IP, t.INSTANCE_PUBLIC):
+        ns_run(lab.inet, [sys.executable, "-c", FORGE, src, t.INSTANCE_PUBLIC], timeout=30)
+    ns_run(lab.inet, [sys.executable, "-c", FORGE, t.SERVER, t.INSTANCE_PUBLIC], timeout=30)
+    assert h.wait_until(lambda: created() >= before + 10, 5, what="the control's flows")
+    assert created() == before + 10
+    forged = [
+        r for r in gw.ask("flows", "--backend", t.INSTANCE_BACKEND)
+        if r["remote"] != t.SERVER and 40000 <= r["remote_port"] < 40005 and r["backend_port"] in (80, 5000)
+    ]  # fmt: skip
+    assert not forged, forged

@@ -29,6 +29,16 @@ def test_hairpin_is_untracked_marked_then_queued_with_tcp_on_the_gso_queue() -> 
     assert Mark.HAIRPIN == 0x40000000 and Mark.HAIRPIN & (Mark.INSIDE | Mark.TRANSLATED) == 0
 
 
+def test_a_public_source_from_the_outside_is_dropped_first_in_raw() -> None:
+    """A packet on the outside claiming a public address as its source is dropped in raw, before
+    any rule that would queue it; the guard alone has no such rule (nothing is public then)."""
+    raw = _table(ruleset("in0", "out0", 3, [PUB], tcp_queue=4), "raw")
+    drop = "-A SNATGW-PRE -i out0 -s 198.51.100.10/32 -j DROP"
+    assert raw.index(drop) < raw.index("-A SNATGW-PRE -i out0 -d 198.51.100.10/32 -j CT --notrack")
+    assert next(ln for ln in raw if ln.startswith("-A ")) == drop
+    assert "-s 198.51.100.10/32" not in ruleset("in0", "out0", 3, [PUB], translate=False)
+
+
 def test_probe_syns_are_queued_from_output_only_with_probes() -> None:
     """With probes the host's SYNs to the inside go to the plain queue (full checksums); without, nothing."""
     syn = "-A SNATGW-OUT -o in0 -p tcp -m tcp --syn -j NFQUEUE --queue-num 3"
