@@ -294,11 +294,16 @@ def parse_kb(text: str, field: str) -> int | None:
     return None
 
 
-def parse_cpu_ticks(stat: str) -> int:
-    """utime + stime (clock ticks) from /proc/PID/stat; the process name may hold spaces."""
+def parse_cpu_split(stat: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from /proc/PID/stat; the process name may hold spaces."""
     fields = stat.rsplit(")", 1)[1].split()
     # After the name: state is field 3 of proc(5), utime 14 and stime 15.
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
+
+
+def parse_cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from /proc/PID/stat."""
+    return sum(parse_cpu_split(stat))
 
 
 def parse_nfqueue(text: str) -> dict[str, int]:
@@ -421,7 +426,9 @@ def metrics_of(load: str, r: dict[str, Any]) -> dict[str, float | None]:
     gw = r.get("gateway") or {}
     if load == "udp_pps":
         return {"udp_pps": r.get("delivered_pps"), "udp_sent_pps": r.get("sent_pps"),
-                "cpu_us_per_udp_pkt": gw.get("cpu_us_per_packet")}
+                "cpu_us_per_udp_pkt": gw.get("cpu_us_per_packet"),
+                "user_us_per_udp_pkt": gw.get("user_us_per_packet"),
+                "system_us_per_udp_pkt": gw.get("system_us_per_packet")}
     if load == "tcp_bulk":
         return {"tcp_mbit": r.get("receiver_mbit_s"), "cpu_us_per_tcp_pkt": gw.get("cpu_us_per_packet")}
     if load == "tcp_cps":
@@ -534,6 +541,23 @@ def build_summary(samples: Samples, settings: dict[str, Any],
                 "columns": ("few flows", f"{loaded['flows']:,} flows"), "rows": rows, "notes": [],
             })
     return sections
+
+
+def process_split(per: dict[str, list[float | None]]) -> dict[str, float | None]:
+    """The whole process's CPU per UDP packet in its best round, and that round's user and
+    system (kernel) parts."""
+    cpu = per.get("cpu_us_per_udp_pkt", [])
+    rounds = [i for i, v in enumerate(cpu) if v is not None]
+    if not rounds:
+        return {"process_us_per_udp_pkt": None}
+    i = min(rounds, key=lambda j: cpu[j] or 0.0)
+
+    def at(key: str) -> float | None:
+        vals = per.get(key, [])
+        return vals[i] if i < len(vals) else None
+
+    return {"process_us_per_udp_pkt": cpu[i], "process_user_us_per_udp_pkt": at("user_us_per_udp_pkt"),
+            "process_system_us_per_udp_pkt": at("system_us_per_udp_pkt")}
 
 
 def udp_note(k_got: Sequence[float | None], k_sent: Sequence[float | None],
@@ -679,15 +703,22 @@ def render_profile(profile: dict[str, Any] | None) -> str:
                        ("policy_eval_us", f"security policy lookup alone, {RULE_COUNT} rules")):
         v = profile.get(key)
         if isinstance(v, int | float):
-            lines.append(f"  {label:58} {v:6.2f} us")
+            lines.append(f"  {label:62} {v:6.2f} us")
         elif isinstance(v, str):
-            lines.append(f"  {label:58} n/a ({v})")
+            lines.append(f"  {label:62} n/a ({v})")
     whole = profile.get("process_us_per_udp_pkt")
     core = profile.get("in2out_udp_us")
     if isinstance(whole, int | float) and isinstance(core, int | float):
         rest = whole - core
-        lines.append(f"  {'whole snatgw process per UDP packet (measured, default row)':58} "
+        lines.append(f"  {'whole snatgw process per UDP packet (measured, default row)':62} "
                      f"{whole:6.2f} us  (utime+stime / packets counted)")
+        user = profile.get("process_user_us_per_udp_pkt")
+        system = profile.get("process_system_us_per_udp_pkt")
+        if isinstance(user, int | float) and isinstance(system, int | float):
+            lines.append(f"  {'  of which in user space (utime: Python, the core included)':62} "
+                         f"{user:6.2f} us")
+            lines.append(f"  {'  of which in the kernel (stime: syscalls, forwarding, softirq)':62} "
+                         f"{system:6.2f} us")
         lines.append(f"  -> core {core / whole:.0%}; the other {rest:.2f} us ({rest / whole:.0%}) are "
                      "the queue client (receive, parse, verdict), syscalls and the kernel work "
                      "charged to the process")
@@ -737,8 +768,14 @@ def machine_info() -> dict[str, Any]:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of ``pid`` so far, in seconds."""
-    ticks = parse_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of every thread of ``pid`` so far, in seconds."""
+    u, k = parse_cpu_split(Path(f"/proc/{pid}/stat").read_text())
+    hz = os.sysconf("SC_CLK_TCK")
+    return u / hz, k / hz
 
 
 def rss_kb(pid: int) -> int:
@@ -875,21 +912,23 @@ def measured(gw: GatewayProc | None, fn: Callable[[], dict[str, Any]]) -> dict[s
         return fn()
     c0 = stats(gw)["counters"]
     q0 = nfqueue(gw.pid)
-    t0 = cpu_seconds(gw.pid)
+    u0, k0 = cpu_split(gw.pid)
     r = fn()
     # The window ends once the gateway has handled what is still queued, so that its CPU
     # time and its counters cover the same packets.
     deadline = time.monotonic() + 5.0
     while nfqueue(gw.pid)["waiting"] and time.monotonic() < deadline:
         time.sleep(0.005)
-    t1 = cpu_seconds(gw.pid)
+    u1, k1 = cpu_split(gw.pid)
     q1 = nfqueue(gw.pid)
     c1 = stats(gw)["counters"]
     pkts = packets_handled(c0, c1)
     r["gateway"] = {
-        "cpu_s": round(t1 - t0, 3),
+        "cpu_s": round(u1 - u0 + k1 - k0, 3),
         "packets": pkts,
-        "cpu_us_per_packet": per_unit_us(t1 - t0, pkts),
+        "cpu_us_per_packet": per_unit_us(u1 - u0 + k1 - k0, pkts),
+        "user_us_per_packet": per_unit_us(u1 - u0, pkts),
+        "system_us_per_packet": per_unit_us(k1 - k0, pkts),
         "flows_created": c1.get("flows_created", 0) - c0.get("flows_created", 0),
         "drop_exhausted": c1.get("drop_exhausted", 0) - c0.get("drop_exhausted", 0),
         "drop_security_denied": c1.get("drop_security_denied", 0) - c0.get("drop_security_denied", 0),
@@ -1435,9 +1474,7 @@ def run(args: argparse.Namespace) -> int:
                             "tuned_tcp_fin_linger_s": TUNED_LINGER, "rules": RULE_COUNT}}
     summary = build_summary(samples, settings, rss)
     if profile is not None and not profile.get("error"):
-        cpu = next((r["value"] for s in summary if s["name"] == "default" for r in s["rows"]
-                    if r["key"] == "cpu_us_per_udp_pkt"), None)
-        profile["process_us_per_udp_pkt"] = cpu
+        profile.update(process_split(samples.get("snatgw", {}).get("default", {})))
     doc = {"machine": machine, "settings": settings, "summary": summary, "profile": profile,
            "memory": rss, "samples": samples, "rounds": rounds, "errors": errors,
            "workers": {"measured": [1], "note": "multi-worker not built"},

@@ -336,3 +336,13 @@ def test_udp_note_says_when_the_kernel_row_is_sender_bound() -> None:
     assert "sender-bound" in text and "full queue" in text
     assert "sender-bound" not in bench.udp_note([60_000.0], [100_000.0], [40_000.0], [100_000.0])
     assert bench.udp_note([None], [None], [1.0], [1.0]) == "UDP: not measured on both sides"
+
+
+def test_process_split_takes_user_and_system_from_the_best_round() -> None:
+    """The whole-process figure and its utime/stime parts come from the same (lowest) round."""
+    per = {"cpu_us_per_udp_pkt": [8.0, 6.0, None], "user_us_per_udp_pkt": [5.0, 4.0, None],
+           "system_us_per_udp_pkt": [3.0, 2.0, None]}
+    assert bench.process_split(per) == {"process_us_per_udp_pkt": 6.0, "process_user_us_per_udp_pkt": 4.0,
+                                        "process_system_us_per_udp_pkt": 2.0}
+    assert bench.process_split({}) == {"process_us_per_udp_pkt": None}
+    assert bench.parse_cpu_split("1 (a b) S " + " ".join(str(n) for n in range(4, 53))) == (14, 15)
