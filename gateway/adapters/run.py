@@ -145,7 +145,6 @@ class Gateway:
             raise
         stop_metrics = None
         try:
-            system.add_addresses(cfg.outside, self.publics)
             # Before the rules: a hairpinned packet needs accept_local from its first.
             system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
             if system.strict_rp_filter(cfg.inside):
@@ -156,6 +155,9 @@ class Gateway:
                 )  # fmt: skip
             probes = bool(cfg.model.probes)
             iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
+            # After the rules, removed before the guard: a public address is never
+            # local while nothing queues it (the host's own services would answer).
+            system.add_addresses(cfg.outside, self.publics)
             system.enable_forwarding(STATE_DIR)
             if self.metrics is not None:
                 from gateway.adapters.metrics import serve
@@ -171,6 +173,7 @@ class Gateway:
             self.saver.stop_and_save()
         finally:
             self.prober.stop()
+            system.remove_addresses(cfg.outside, self.publics)
             # stopped = "block": the guard replaces the rules in one commit, then
             # forwarding goes back to the operator's value; "remove": forwarding
             # first, then every rule (docs/kernel.md, "Guard").
@@ -181,7 +184,6 @@ class Gateway:
                 iptables.guard(cfg.inside, cfg.outside)
                 system.restore_forwarding(STATE_DIR)
             system.restore_sysctls(STATE_DIR)
-            system.remove_addresses(cfg.outside, self.publics)
             control.close()
             if stop_metrics is not None:
                 stop_metrics()
@@ -236,10 +238,10 @@ class Gateway:
         """Re-read the config file and apply it, or reject it and keep the old one.
 
         Runs in the loop's thread (SIGHUP sets a flag the loop acts on;
-        ``snatgw reload`` arrives through :meth:`PacketLoop.call`). New
-        addresses and rules are in place before the table uses them; the
-        rules are swapped atomically (no moment without them); addresses
-        that go are removed after their flows have ended.
+        ``snatgw reload`` arrives through :meth:`PacketLoop.call`). The rules
+        are swapped atomically (no moment without them); an address that goes
+        leaves the interface before the swap and one that comes joins it after,
+        so no public address is ever local to the host while nothing queues it.
         """
         cfg = self.cfg
         began = time.monotonic()
@@ -260,18 +262,21 @@ class Gateway:
         publics = list(new.model.public_addresses())
         added = [p for p in publics if p not in self.publics]
         gone = [p for p in self.publics if p not in publics]
+        # A public address is never local while no rule queues it: one that goes
+        # leaves the interface before the swap, one that comes joins it after.
         try:
-            system.add_addresses(cfg.outside, added)
+            system.remove_addresses(cfg.outside, gone)
             jumps = iptables.replace(
                 cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue, probes=probes
             )
             summary = self.table.reconfigure(new.model, time.monotonic())
+            system.add_addresses(cfg.outside, added)
         except (OSError, RuntimeError, ModelError) as e:
-            system.remove_addresses(cfg.outside, added)
             had = bool(cfg.model.probes)
             iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=had)
+            system.remove_addresses(cfg.outside, added)
+            system.add_addresses(cfg.outside, gone)
             return self._reject(source, "(system)", str(e))
-        system.remove_addresses(cfg.outside, gone)
         self._check_probe_source(new)
         self.prober.set_targets(self.table.probe_targets(), new.model.probe_source)
         self.cfg = new
