@@ -33,9 +33,8 @@ from dataclasses import dataclass
 
 from gateway.core.address import Backend, Scenario
 from gateway.core.block import PORT_BYTES
-from gateway.core.checksum import delta
 from gateway.core.counters import Counter
-from gateway.core.flow import EndReason, Flow, TcpState, l4_deltas
+from gateway.core.flow import EndReason, Flow, TcpState, new_flow
 from gateway.core.health import probe_pairs
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Distribution, GatewayModel, Probe
 from gateway.core.placement import Placement
@@ -250,33 +249,22 @@ class Inbound(Placement):
             # The backend already uses this 4-tuple for a flow of its own.
             c[Counter.DROP_NO_FLOW] += 1
             return None
-        in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, port_b)
-        f = Flow(
+        f = new_flow(
             proto=proto,
             scenario=scenario,
-            inside_key=inside_key,
-            outside_key=key,
-            backend=backend,
-            backend_port=backend_port,
             backend_b=backend_b,
             backend_port_b=backend_port_b,
-            public=public,
-            public_port=int.from_bytes(port_b, "big"),
             public_b=public_b,
             public_port_b=port_b,
-            remote=remote,
-            remote_port=remote_port,
-            dest=remote_b + remote_port_b,
+            remote_b=remote_b,
+            remote_port_b=remote_port_b,
+            inside_key=inside_key,
+            outside_key=key,
             block=None,
-            in2out_ip=delta(backend_b, public_b),
-            in2out_l4=in2out_l4,
-            out2in_ip=delta(public_b, backend_b),
-            out2in_l4=out2in_l4,
-            created=now,
-            last_seen=now,
+            now=now,
             timeout=idle or self.timeouts.idle,
-            inbound=True,
             decision=decision,
+            inbound=True,
             idle=idle,
         )
         if proto == PROTO_TCP:
