@@ -29,7 +29,7 @@ only) open one.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.core.address import Backend, Scenario
 from gateway.core.block import PORT_BYTES
@@ -85,30 +85,26 @@ def build_index(model: GatewayModel) -> tuple[InboundIndex, dict[int, int]]:
     """
     fronts = {f.name: f.ip for f in model.frontends}
     pools = {p.name: tuple(sorted(set(p.members))) for p in model.pools}
+    # Each rule's target with proto 0, then one copy per IP protocol of its ``protocol``.
+    targets = [
+        (r.protocol, InboundTarget(
+            "lb_rule", r.name, 0, fronts.get(r.frontend, -1), r.frontend_port, r.backend_port,
+            pools.get(r.pool, ()), r.distribution, r.probe, r.idle_timeout, r.opening,
+        ))
+        for r in model.lb_rules
+    ] + [
+        (n.protocol, InboundTarget(
+            "inbound_nat_rule", n.name, 0, fronts.get(n.frontend, -1), n.frontend_port, n.backend_port,
+            (n.backend,),
+        ))
+        for n in model.inbound_nat_rules
+    ]  # fmt: skip
     index: InboundIndex = {}
-    for r in model.lb_rules:
-        fip = fronts.get(r.frontend)
-        if fip is None:
+    for protocol, target in targets:
+        if target.public < 0:
             continue
-        for proto in RULE_PROTOCOLS.get(r.protocol, ()):
-            index.setdefault(
-                (proto, fip, r.frontend_port),
-                InboundTarget(
-                    "lb_rule", r.name, proto, fip, r.frontend_port, r.backend_port, pools.get(r.pool, ()),
-                    r.distribution, r.probe, r.idle_timeout, r.opening,
-                ),
-            )  # fmt: skip
-    for n in model.inbound_nat_rules:
-        fip = fronts.get(n.frontend)
-        if fip is None:
-            continue
-        for proto in RULE_PROTOCOLS.get(n.protocol, ()):
-            index.setdefault(
-                (proto, fip, n.frontend_port),
-                InboundTarget(
-                    "inbound_nat_rule", n.name, proto, fip, n.frontend_port, n.backend_port, (n.backend,)
-                ),
-            )
+        for proto in RULE_PROTOCOLS.get(protocol, ()):
+            index.setdefault((proto, target.public, target.public_port), replace(target, proto=proto))
     instances = {i.public: i.private for i in model.instance_ips}
     return index, instances
 
