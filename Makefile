@@ -32,8 +32,10 @@ test: setup lint
 demo: setup
 	bash scripts/demo.sh
 
+# make bench BENCH_ARGS=--quick  (or --rounds N, --duration S; scripts/bench.py --help)
+BENCH_ARGS ?=
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 lab-up: setup
 	$(VENV)/bin/snatgw lab up
