@@ -278,3 +278,59 @@ class Flow:
     decision: Decision | None = None
     #: The flow's own idle timeout (an LB rule's ``idle_timeout``); 0: the table's.
     idle: float = 0.0
+
+
+def new_flow(
+    *,
+    proto: int,
+    scenario: int,
+    backend_b: bytes,
+    backend_port_b: bytes,
+    public_b: bytes,
+    public_port_b: bytes,
+    remote_b: bytes,
+    remote_port_b: bytes,
+    inside_key: bytes,
+    outside_key: bytes,
+    block: PortBlock | None,
+    now: float,
+    timeout: float,
+    decision: Decision | None,
+    inbound: bool = False,
+    idle: float = 0.0,
+) -> Flow:
+    """A flow from its three endpoints as the wire writes them, with the numbers the
+    views show and the RFC 1624 deltas both directions apply computed once, here,
+    for the one place each kind of flow starts (an outbound first packet,
+    :meth:`~gateway.core.lifecycle.FlowLifecycle._create_flow`; an inbound one,
+    :meth:`~gateway.core.inbound.Inbound._open_inbound`). Per new flow, never per
+    packet. The keys are the caller's: each already has the one its packet carries."""
+    in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
+    return Flow(
+        proto=proto,
+        scenario=scenario,
+        inside_key=inside_key,
+        outside_key=outside_key,
+        backend=int.from_bytes(backend_b, "big"),
+        backend_port=int.from_bytes(backend_port_b, "big"),
+        backend_b=backend_b,
+        backend_port_b=backend_port_b,
+        public=int.from_bytes(public_b, "big"),
+        public_port=int.from_bytes(public_port_b, "big"),
+        public_b=public_b,
+        public_port_b=public_port_b,
+        remote=int.from_bytes(remote_b, "big"),
+        remote_port=int.from_bytes(remote_port_b, "big"),
+        dest=remote_b + remote_port_b,
+        block=block,
+        in2out_ip=delta(backend_b, public_b),
+        in2out_l4=in2out_l4,
+        out2in_ip=delta(public_b, backend_b),
+        out2in_l4=out2in_l4,
+        created=now,
+        last_seen=now,
+        timeout=timeout,
+        inbound=inbound,
+        decision=decision,
+        idle=idle,
+    )

@@ -29,13 +29,12 @@ only) open one.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.core.address import Backend, Scenario
 from gateway.core.block import PORT_BYTES
-from gateway.core.checksum import delta
 from gateway.core.counters import Counter
-from gateway.core.flow import EndReason, Flow, TcpState, l4_deltas
+from gateway.core.flow import EndReason, Flow, TcpState, new_flow
 from gateway.core.health import probe_pairs
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Distribution, GatewayModel, Probe
 from gateway.core.placement import Placement
@@ -86,30 +85,26 @@ def build_index(model: GatewayModel) -> tuple[InboundIndex, dict[int, int]]:
     """
     fronts = {f.name: f.ip for f in model.frontends}
     pools = {p.name: tuple(sorted(set(p.members))) for p in model.pools}
+    # Each rule's target with proto 0, then one copy per IP protocol of its ``protocol``.
+    targets = [
+        (r.protocol, InboundTarget(
+            "lb_rule", r.name, 0, fronts.get(r.frontend, -1), r.frontend_port, r.backend_port,
+            pools.get(r.pool, ()), r.distribution, r.probe, r.idle_timeout, r.opening,
+        ))
+        for r in model.lb_rules
+    ] + [
+        (n.protocol, InboundTarget(
+            "inbound_nat_rule", n.name, 0, fronts.get(n.frontend, -1), n.frontend_port, n.backend_port,
+            (n.backend,),
+        ))
+        for n in model.inbound_nat_rules
+    ]  # fmt: skip
     index: InboundIndex = {}
-    for r in model.lb_rules:
-        fip = fronts.get(r.frontend)
-        if fip is None:
+    for protocol, target in targets:
+        if target.public < 0:
             continue
-        for proto in RULE_PROTOCOLS.get(r.protocol, ()):
-            index.setdefault(
-                (proto, fip, r.frontend_port),
-                InboundTarget(
-                    "lb_rule", r.name, proto, fip, r.frontend_port, r.backend_port, pools.get(r.pool, ()),
-                    r.distribution, r.probe, r.idle_timeout, r.opening,
-                ),
-            )  # fmt: skip
-    for n in model.inbound_nat_rules:
-        fip = fronts.get(n.frontend)
-        if fip is None:
-            continue
-        for proto in RULE_PROTOCOLS.get(n.protocol, ()):
-            index.setdefault(
-                (proto, fip, n.frontend_port),
-                InboundTarget(
-                    "inbound_nat_rule", n.name, proto, fip, n.frontend_port, n.backend_port, (n.backend,)
-                ),
-            )
+        for proto in RULE_PROTOCOLS.get(protocol, ()):
+            index.setdefault((proto, target.public, target.public_port), replace(target, proto=proto))
     instances = {i.public: i.private for i in model.instance_ips}
     return index, instances
 
@@ -250,33 +245,22 @@ class Inbound(Placement):
             # The backend already uses this 4-tuple for a flow of its own.
             c[Counter.DROP_NO_FLOW] += 1
             return None
-        in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, port_b)
-        f = Flow(
+        f = new_flow(
             proto=proto,
             scenario=scenario,
-            inside_key=inside_key,
-            outside_key=key,
-            backend=backend,
-            backend_port=backend_port,
             backend_b=backend_b,
             backend_port_b=backend_port_b,
-            public=public,
-            public_port=int.from_bytes(port_b, "big"),
             public_b=public_b,
             public_port_b=port_b,
-            remote=remote,
-            remote_port=remote_port,
-            dest=remote_b + remote_port_b,
+            remote_b=remote_b,
+            remote_port_b=remote_port_b,
+            inside_key=inside_key,
+            outside_key=key,
             block=None,
-            in2out_ip=delta(backend_b, public_b),
-            in2out_l4=in2out_l4,
-            out2in_ip=delta(public_b, backend_b),
-            out2in_l4=out2in_l4,
-            created=now,
-            last_seen=now,
+            now=now,
             timeout=idle or self.timeouts.idle,
-            inbound=True,
             decision=decision,
+            inbound=True,
             idle=idle,
         )
         if proto == PROTO_TCP:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from gateway.core.address import Backend, Scenario, ip_str
 from gateway.core.block import PORT_BYTES
-from gateway.core.checksum import delta
 from gateway.core.counters import END_COUNTER, Counter
 from gateway.core.events import FlowLimitReached, SnatPortExhausted, SnatPortsHighWater
 from gateway.core.flow import (
@@ -32,7 +31,7 @@ from gateway.core.flow import (
     TcpState,
     first_state,
     in_window,
-    l4_deltas,
+    new_flow,
     syn_wscale,
     tcp_next_state,
     timeout_for,
@@ -109,30 +108,19 @@ class FlowLifecycle(TableState):
             if inv.high_armed and inv.in_use >= self.model.high_water * inv.size:
                 self._high_water(be, proto, inv.in_use, inv.size)
                 inv.high_armed = False
-        in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
-        f = Flow(
+        f = new_flow(
             proto=proto,
             scenario=be.scenario,
-            backend=be.ip,
-            backend_port=int.from_bytes(backend_port_b, "big"),
-            public=be.address.ip,
-            public_port=int.from_bytes(public_port_b, "big"),
-            remote=int.from_bytes(remote_b, "big"),
-            remote_port=int.from_bytes(remote_port_b, "big"),
-            inside_key=key,
-            outside_key=prefix + public_port_b,
-            dest=dest,
-            block=block,
-            public_b=public_b,
-            public_port_b=public_port_b,
             backend_b=backend_b,
             backend_port_b=backend_port_b,
-            in2out_ip=delta(backend_b, public_b),
-            in2out_l4=in2out_l4,
-            out2in_ip=delta(public_b, backend_b),
-            out2in_l4=out2in_l4,
-            created=now,
-            last_seen=now,
+            public_b=public_b,
+            public_port_b=public_port_b,
+            remote_b=remote_b,
+            remote_port_b=remote_port_b,
+            inside_key=key,
+            outside_key=prefix + public_port_b,
+            block=block,
+            now=now,
             timeout=self.timeouts.idle,
             decision=decision,
         )

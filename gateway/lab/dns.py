@@ -28,21 +28,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import signal
 import socket
 import struct
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import ClassVar
 
 from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
-from gateway.lab.whoami import IP_PKTINFO, PKTINFO, daemonize, pktinfo_local, send_from, write_pid
+from gateway.lab import service
 
 MYIP_NAME = "myip.opendns.com."
 DNS_PORT = 53
@@ -99,31 +95,14 @@ def answer(query: bytes, client_ip: str) -> Answer | None:
 
 
 @dataclass(slots=True)
-class QueryLog:
-    """One flushed JSON line per answered query (None path: logging off)."""
+class QueryLog(service.JsonLog):
+    """One JSON line per answered query (None path: logging off)."""
 
-    path: Path | None
-    _fh: IO[str] | None = field(default=None, init=False)
-
-    def open(self) -> None:
-        if self.path is not None:
-            self._fh = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    prog: ClassVar[str] = "dns"
 
     def write(self, proto: str, src: tuple[str, int], dst: tuple[str, int], ans: Answer) -> None:
-        if self._fh is None:
-            return
-        rec = {"proto": proto, "src": src[0], "sport": src[1], "dst": dst[0], "dport": dst[1],
-               "name": ans.name, "type": ans.qtype, "rcode": ans.rcode, "answer": ans.address,
-               "ts": round(time.time(), 6)}
-        try:
-            self._fh.write(json.dumps(rec) + "\n")
-        except OSError as exc:  # a full disk must not take the service down
-            print(f"dns: log write failed: {exc}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self.append({"proto": proto, "src": src[0], "sport": src[1], "dst": dst[0], "dport": dst[1],
+                     "name": ans.name, "type": ans.qtype, "rcode": ans.rcode, "answer": ans.address})
 
 
 @dataclass(slots=True)
@@ -132,19 +111,12 @@ class UdpResponder:
 
     sock: socket.socket
     log: QueryLog
-    loop: asyncio.AbstractEventLoop
-
-    def start(self) -> None:
-        self.loop.add_reader(self.sock.fileno(), self.on_readable)
-
-    def stop(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
 
     def on_readable(self) -> None:
         port = int(self.sock.getsockname()[1])
         for _ in range(UDP_BATCH):
             try:
-                data, anc, _flags, addr = self.sock.recvmsg(UDP_MAX, socket.CMSG_SPACE(PKTINFO.size))
+                data, anc, _flags, addr = self.sock.recvmsg(UDP_MAX, socket.CMSG_SPACE(service.PKTINFO.size))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -152,10 +124,10 @@ class UdpResponder:
             ans = answer(data, addr[0])
             if ans is None:
                 continue
-            local = pktinfo_local(anc)
+            local = service.pktinfo_local(anc)
             dst = socket.inet_ntoa(local) if local else str(self.sock.getsockname()[0])
             self.log.write("udp", (addr[0], int(addr[1])), (dst, port), ans)
-            send_from(self.sock, ans.wire, addr, local)
+            service.send_from(self.sock, ans.wire, addr, local)
 
 
 def make_tcp_handler(
@@ -197,7 +169,7 @@ def bind_sockets(bind: str, port: int) -> tuple[socket.socket, socket.socket]:
     """Bind UDP and TCP up front (before daemonising) so that readiness means listening."""
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    udp.setsockopt(socket.IPPROTO_IP, service.IP_PKTINFO, 1)
     udp.bind((bind, port))
     udp.setblocking(False)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -210,52 +182,21 @@ def bind_sockets(bind: str, port: int) -> tuple[socket.socket, socket.socket]:
 
 async def serve(udp: socket.socket, tcp: socket.socket, log: QueryLog) -> None:
     """Serve until SIGTERM/SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = await asyncio.start_server(make_tcp_handler(log), sock=tcp)
-    responder = UdpResponder(udp, log, loop)
-    responder.start()
-    try:
-        await stop.wait()
-    finally:
-        responder.stop()
-        server.close()
+    await service.serve_until_signalled(
+        tcp, make_tcp_handler(log), udp, lambda _loop: UdpResponder(udp, log).on_readable
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dns", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=DNS_PORT)
-    p.add_argument("--bind", default="0.0.0.0", help="listen address (default: all)")
-    p.add_argument("--log", default=None, help="JSON-lines file of every answered query")
-    p.add_argument("--pid-file", default=None)
-    p.add_argument("--stderr", default=None, help="with --daemon: where stderr goes")
-    p.add_argument("--daemon", action="store_true", help="detach once listening")
+    service.add_arguments(p, "JSON-lines file of every answered query")
     args = p.parse_args(argv)
 
-    try:
-        udp, tcp = bind_sockets(args.bind, args.port)
-    except OSError as exc:
-        print(f"dns: cannot bind: {exc}", file=sys.stderr)
-        return 1
-    ready_fd = daemonize(args.stderr) if args.daemon else None
     log = QueryLog(Path(args.log) if args.log else None)
-    log.open()
-    if args.pid_file:
-        write_pid(args.pid_file)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ok")
-        os.close(ready_fd)
-    try:
-        asyncio.run(serve(udp, tcp, log))
-    finally:
-        log.close()
-        if args.pid_file:
-            with contextlib.suppress(OSError):
-                if Path(args.pid_file).read_text().strip() == str(os.getpid()):
-                    os.unlink(args.pid_file)
-    return 0
+    return service.run(
+        "dns", args, lambda: bind_sockets(args.bind, args.port), log, lambda socks: serve(*socks, log)
+    )
 
 
 if __name__ == "__main__":

@@ -30,21 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import select
-import signal
 import socket
-import struct
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import ClassVar
 
-IP_PKTINFO = int(getattr(socket, "IP_PKTINFO", 8))  # Linux value; Python 3.11 lacks the name
-PKTINFO = struct.Struct("@I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+from gateway.lab import service
 
 MAX_PUSH_PER_PEER = 10
 MAX_PUSH_TOTAL = 10_000
@@ -99,52 +92,14 @@ def http_response(
     return head if method == b"HEAD" else head + body
 
 
-def pktinfo_local(anc: list[tuple[int, int, bytes]]) -> bytes | None:
-    """The local address a datagram was sent to, from its IP_PKTINFO ancillary data."""
-    for level, kind, payload in anc:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= PKTINFO.size:
-            _ifindex, _spec, addr = PKTINFO.unpack_from(payload)
-            return bytes(addr)
-    return None
-
-
-def send_from(sock: socket.socket, payload: bytes, addr: tuple[str, int], local: bytes | None) -> None:
-    """Send ``payload`` to ``addr`` from the local address ``local`` (the one the peer asked),
-    so that a peer with a connected socket, or a NAT checking the remote endpoint, accepts it."""
-    anc = []
-    if local is not None:
-        anc = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, local, b"\0\0\0\0"))]
-    # A full socket buffer or an unreachable peer loses this reply only (UDP semantics).
-    with contextlib.suppress(OSError):
-        sock.sendmsg([payload], anc, 0, addr)
-
-
 @dataclass(slots=True)
-class PeerLog:
-    """Appends one flushed JSON line per seen peer (None path: logging off)."""
+class PeerLog(service.JsonLog):
+    """One JSON line per seen peer (None path: logging off)."""
 
-    path: Path | None
-    _fh: IO[str] | None = field(default=None, init=False)
-
-    def open(self) -> None:
-        if self.path is not None:
-            self._fh = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    prog: ClassVar[str] = "whoami"
 
     def write(self, proto: str, src: str, sport: int, dst: str, dport: int) -> None:
-        if self._fh is None:
-            return
-        rec = {"proto": proto, "src": src, "sport": sport, "dst": dst, "dport": dport,
-               "ts": round(time.time(), 6)}
-        try:
-            self._fh.write(json.dumps(rec) + "\n")
-            self._fh.flush()
-        except OSError as exc:  # a full disk must not take the service down
-            print(f"whoami: log write failed: {exc}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self.append({"proto": proto, "src": src, "sport": sport, "dst": dst, "dport": dport})
 
 
 @dataclass(slots=True)
@@ -158,24 +113,18 @@ class UdpEcho:
     pending: dict[tuple[str, int], int] = field(default_factory=dict)
     pending_total: int = 0
 
-    def start(self) -> None:
-        self.loop.add_reader(self.sock.fileno(), self.on_readable)
-
-    def stop(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
-
     def on_readable(self) -> None:
         for _ in range(UDP_BATCH):
             try:
                 data, anc, _flags, addr = self.sock.recvmsg(
-                    UDP_MAX_DATAGRAM, socket.CMSG_SPACE(PKTINFO.size)
+                    UDP_MAX_DATAGRAM, socket.CMSG_SPACE(service.PKTINFO.size)
                 )
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # e.g. a queued ICMP error: nothing to answer
             src, sport = addr[0], int(addr[1])
-            local = pktinfo_local(anc)
+            local = service.pktinfo_local(anc)
             dst = socket.inet_ntoa(local) if local else self.sock.getsockname()[0]
             dport = int(self.sock.getsockname()[1])
             self.log.write("udp", src, sport, dst, dport)
@@ -185,7 +134,7 @@ class UdpEcho:
                 self._schedule_push(delay, (src, sport), local)
 
     def _send(self, payload: bytes, addr: tuple[str, int], local: bytes | None) -> None:
-        send_from(self.sock, payload, addr, local)
+        service.send_from(self.sock, payload, addr, local)
 
     def _schedule_push(self, delay: float, peer: tuple[str, int], local: bytes | None) -> None:
         if self.pending.get(peer, 0) >= MAX_PUSH_PER_PEER or self.pending_total >= MAX_PUSH_TOTAL:
@@ -251,7 +200,7 @@ def bind_sockets(bind: str, http_port: int, udp_port: int) -> tuple[socket.socke
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with contextlib.suppress(OSError):
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-    udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    udp.setsockopt(socket.IPPROTO_IP, service.IP_PKTINFO, 1)
     udp.bind((bind, udp_port))
     udp.setblocking(False)
     return tcp, udp
@@ -261,92 +210,32 @@ async def serve(
     tcp: socket.socket, udp: socket.socket, log: PeerLog, show_local: bool = False
 ) -> None:
     """Serve until SIGTERM/SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = await asyncio.start_server(
-        make_http_handler(log, show_local), sock=tcp, limit=HTTP_MAX_REQUEST
+    await service.serve_until_signalled(
+        tcp,
+        make_http_handler(log, show_local),
+        udp,
+        lambda loop: UdpEcho(udp, log, loop, show_local).on_readable,
+        limit=HTTP_MAX_REQUEST,
     )
-    echo = UdpEcho(udp, log, loop, show_local)
-    echo.start()
-    try:
-        await stop.wait()
-    finally:
-        echo.stop()
-        server.close()
-
-
-def daemonize(stderr_path: str | None) -> int:
-    """Classic double fork; returns the write end of a pipe the ready signal goes to.
-
-    The original process waits (bounded) for that signal and exits 0 only then, so the
-    caller knows the service is listening when the command returns.
-    """
-    r, w = os.pipe()
-    if os.fork() > 0:
-        os.close(w)
-        ready, _, _ = select.select([r], [], [], 10.0)
-        data = os.read(r, 16) if ready else b""
-        os._exit(0 if data == b"ok" else 1)
-    os.close(r)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    out = (
-        os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if stderr_path
-        else devnull
-    )
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    return w
-
-
-def write_pid(path: str) -> None:
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="whoami", description=__doc__.splitlines()[0])
     p.add_argument("--http-port", type=int, default=80)
     p.add_argument("--udp-port", type=int, default=5000)
-    p.add_argument("--bind", default="0.0.0.0", help="listen address (default: all)")
-    p.add_argument("--log", default=None, help="JSON-lines file of every seen peer")
-    p.add_argument("--pid-file", default=None)
-    p.add_argument("--stderr", default=None, help="with --daemon: where stderr goes")
-    p.add_argument("--daemon", action="store_true", help="detach once listening")
+    service.add_arguments(p, "JSON-lines file of every seen peer")
     p.add_argument("--show-local", action="store_true",
                    help="answer 'ip:port at local_ip:local_port' (an inbound member listener)")
     args = p.parse_args(argv)
 
-    try:
-        tcp, udp = bind_sockets(args.bind, args.http_port, args.udp_port)
-    except OSError as exc:
-        print(f"whoami: cannot bind: {exc}", file=sys.stderr)
-        return 1
-    ready_fd = daemonize(args.stderr) if args.daemon else None
     log = PeerLog(Path(args.log) if args.log else None)
-    log.open()
-    if args.pid_file:
-        write_pid(args.pid_file)
-    if ready_fd is not None:
-        os.write(ready_fd, b"ok")
-        os.close(ready_fd)
-    try:
-        asyncio.run(serve(tcp, udp, log, args.show_local))
-    finally:
-        log.close()
-        if args.pid_file:
-            with contextlib.suppress(OSError):
-                if Path(args.pid_file).read_text().strip() == str(os.getpid()):
-                    os.unlink(args.pid_file)
-    return 0
+    return service.run(
+        "whoami",
+        args,
+        lambda: bind_sockets(args.bind, args.http_port, args.udp_port),
+        log,
+        lambda socks: serve(*socks, log, args.show_local),
+    )
 
 
 if __name__ == "__main__":

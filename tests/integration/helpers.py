@@ -12,7 +12,6 @@ gateway says it did.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from gateway.lab import clients
 from gateway.lab import layout as t
 from gateway.lab.capture import Capture
 from gateway.lab.clients import ProbeProc, WhoamiLog, parse_peer, ping, probe, wait_listening
+from gateway.lab.configtext import to_toml
 from gateway.lab.gatewayproc import (
     SNATGW,
     GatewayError,
@@ -90,38 +90,6 @@ def lab_config(
     if mutate is not None:
         mutate(cfg)
     return to_toml(cfg)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    """Write the config dict as TOML (scalars, tables, arrays of tables: all the schema uses)."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    arrays: list[tuple[str, list[dict[str, Any]]]] = []
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, table in tables:
-        lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for key, items in arrays:
-        for item in items:
-            lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- gateway

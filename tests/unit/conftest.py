@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from gateway.core.block import CHUNK_SHIFT, PortBlock
-from gateway.core.model import Frontend, GatewayModel, InstanceIp, LbRule, Pool, Timeouts
+from gateway.core.model import (
+    Direction,
+    Frontend,
+    GatewayModel,
+    InstanceIp,
+    LbRule,
+    Pool,
+    SecurityRule,
+    Tag,
+    Timeouts,
+)
 from gateway.core.packet import checksums_ok, describe
 from gateway.core.table import TranslationTable
-from gateway.core.verdict import ACCEPT_MODIFIED
+from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK
 
 POOL = ("10.10.1.1", "10.10.1.2", "10.10.1.3")
 INSTANCE = "10.10.2.1"
@@ -22,6 +34,9 @@ INSTANCE_PUBLIC = "198.51.100.20"
 DEFAULTS = ("198.51.100.30", "198.51.100.31")
 SERVER = "198.51.100.2"
 SERVER2 = "198.51.100.3"
+#: A client on the internet opening flows from the outside.
+CLIENT = "203.0.113.7"
+ALL_PORTS = ((0, 65535),)
 
 
 def first_port(block: PortBlock | None) -> int:
@@ -78,6 +93,33 @@ def tcp(
 
 def echo(src: str, dst: str, ident: int, reply: bool = False) -> bytearray:
     return bytearray(bytes(IP(src=src, dst=dst) / ICMP(type=0 if reply else 8, id=ident, seq=1) / b"ping"))
+
+
+def inbound_model(**kw: Any) -> GatewayModel:
+    """The lab model, open to unsolicited inbound (``inbound_default = "allow"``) unless told."""
+    kw.setdefault("inbound_default_allow", True)
+    return replace(lab_model(), **kw)
+
+
+def rule(
+    name: str,
+    priority: int,
+    direction: Direction,
+    allow: bool,
+    proto: int = 0,
+    src: Any = (Tag.ANY,),
+    dports: Any = ALL_PORTS,
+) -> SecurityRule:
+    """A security rule from any source port to ``dports``."""
+    return SecurityRule(name, priority, direction, allow, proto, src, ALL_PORTS, (Tag.ANY,), dports)
+
+
+def deliver(t: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[str, int]:
+    """Send ``pkt`` from the outside; it must be delivered: its new (dst, dport)."""
+    assert t.out2in(pkt, now) == ACCEPT_MODIFIED_MARK
+    assert checksums_ok(pkt)
+    s = describe(pkt)
+    return s.dst, s.dport
 
 
 def out(table: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[int, str, int]:

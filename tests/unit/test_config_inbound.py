@@ -17,6 +17,7 @@ from gateway.config import ConfigError, GatewayConfig, load, parse
 from gateway.core.model import Direction, Distribution, RoleKind, Tag
 from gateway.core.scenario import plan
 from gateway.core.table import TranslationTable
+from gateway.lab.configtext import toml_value
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 PATH = "/etc/snatgw/x.toml"
@@ -59,26 +60,9 @@ def n(s: str) -> int:
     return int(ipaddress.IPv4Address(s))
 
 
-def value(v: Any) -> str:
-    """A Python value as TOML (inline tables for dicts)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return (
-            "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)} = {value(x)}" for k, x in v.items()) + "}"
-        )
-    raise TypeError(type(v).__name__)
-
-
 def table(header: str, **keys: Any) -> str:
     """``[[header]]`` with ``keys`` (a None value leaves the key out)."""
-    body = "".join(f"{k} = {value(v)}\n" for k, v in keys.items() if v is not None)
+    body = "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items() if v is not None)
     return f"\n[[{header}]]\n{body}"
 
 
@@ -1065,14 +1049,14 @@ def _sections(draw: st.DrawFn) -> str:
     section = draw(st.sampled_from([*_TEMPLATES, "lb_rules", "gateway"]))
     if section == "gateway":
         key = draw(st.sampled_from(["address_space", "inbound_default", "probe_source"]))
-        return f"{key} = {value(draw(_JUNK))}"
+        return f"{key} = {toml_value(draw(_JUNK))}"
     if section == "lb_rules":
         extra = draw(
             st.dictionaries(st.sampled_from(["distribution", "probe", "idle_timeout"]), _JUNK, max_size=3)
         )
         return json.dumps(extra)  # merged into lb_rules[0] below
     items = [draw(_mutated(_TEMPLATES[section])) for _ in range(draw(st.integers(1, 2)))]
-    return f"{section} = {value(items)}"
+    return f"{section} = {toml_value(items)}"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1094,7 +1078,7 @@ def _fuzz_text(parts: list[str]) -> str:
             arrays[part.split(" = ")[0]] = part
         else:
             head += part + "\n"
-    lb_lines = "".join(f"{k} = {value(v)}\n" for k, v in lb_extra.items())
+    lb_lines = "".join(f"{k} = {toml_value(v)}\n" for k, v in lb_extra.items())
     rest = ("\n[[frontends]]" + rest).replace("backend_port = 8080\n", "backend_port = 8080\n" + lb_lines, 1)
     # Root-level arrays (inline tables) come before the first table header.
     return "".join(a + "\n" for a in arrays.values()) + head + rest
@@ -1102,6 +1086,6 @@ def _fuzz_text(parts: list[str]) -> str:
 
 def test_fuzz_templates_are_valid() -> None:
     """The fuzz starts from valid tables, so its changes reach past the first check."""
-    parts = [f"{k} = {value([t])}" for k, t in _TEMPLATES.items()]
+    parts = [f"{k} = {toml_value([t])}" for k, t in _TEMPLATES.items()]
     m = parse(_fuzz_text(parts), PATH).model
     assert m.security_groups and m.probes and m.inbound_nat_rules and m.cloud_services

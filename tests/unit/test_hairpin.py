@@ -18,11 +18,11 @@ from tests.unit.conftest import (
     POOL,
     STANDALONE,
     echo,
+    inbound_model,
     ip,
     tcp,
     udp,
 )
-from tests.unit.test_inbound import inbound_model
 
 
 def hairpin(t: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[str, int, str, int]:

@@ -11,8 +11,7 @@ from gateway.core.health import HealthBook, MemberHealth, next_health, probe_pai
 from gateway.core.model import GatewayModel, LbRule, Pool, Probe
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import DROP
-from tests.unit.conftest import FRONTEND, POOL, SERVER, ip, out, tcp, udp
-from tests.unit.test_inbound import CLIENT, deliver, inbound_model
+from tests.unit.conftest import CLIENT, FRONTEND, POOL, SERVER, deliver, inbound_model, ip, out, tcp, udp
 
 PROBE = Probe("web-probe", "tcp", 8080, number_of_probes=3)
 

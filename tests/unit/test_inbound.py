@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
@@ -17,62 +16,33 @@ from gateway.core.model import (
     PROTO_UDP,
     Direction,
     Distribution,
-    GatewayModel,
     InboundNatRule,
     LbRule,
     Probe,
     SecurityGroup,
-    SecurityRule,
-    Tag,
 )
 from gateway.core.packet import checksums_ok, describe
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
 from tests.unit.conftest import (
+    CLIENT,
     FRONTEND,
     INSTANCE,
     INSTANCE_PUBLIC,
     POOL,
     SERVER,
     STANDALONE,
+    deliver,
     echo,
     holds,
+    inbound_model,
     ip,
     lab_model,
     out,
+    rule,
     tcp,
     udp,
 )
-
-CLIENT = "203.0.113.7"
-ALL_PORTS = ((0, 65535),)
-
-
-def inbound_model(**kw: Any) -> GatewayModel:
-    """The lab model, open to unsolicited inbound (``inbound_default = "allow"``) unless told."""
-    kw.setdefault("inbound_default_allow", True)
-    return replace(lab_model(), **kw)
-
-
-def rule(
-    name: str,
-    priority: int,
-    direction: Direction,
-    allow: bool,
-    proto: int = 0,
-    src: Any = (Tag.ANY,),
-    dports: Any = ALL_PORTS,
-) -> SecurityRule:
-    """A security rule from any source port to ``dports``."""
-    return SecurityRule(name, priority, direction, allow, proto, src, ALL_PORTS, (Tag.ANY,), dports)
-
-
-def deliver(t: TranslationTable, pkt: bytearray, now: float = 0.0) -> tuple[str, int]:
-    """Send ``pkt`` from the outside; it must be delivered: its new (dst, dport)."""
-    assert t.out2in(pkt, now) == ACCEPT_MODIFIED_MARK
-    assert checksums_ok(pkt)
-    s = describe(pkt)
-    return s.dst, s.dport
 
 
 def inbound_flows(t: TranslationTable) -> list[Flow]:

@@ -10,8 +10,18 @@ from scapy.layers.inet import ICMP, IP, IPerror, TCPerror, UDPerror
 from gateway.core.packet import checksums_ok
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
-from tests.unit.conftest import FRONTEND, INSTANCE, INSTANCE_PUBLIC, POOL, STANDALONE, echo, tcp, udp
-from tests.unit.test_inbound import CLIENT, inbound_model
+from tests.unit.conftest import (
+    CLIENT,
+    FRONTEND,
+    INSTANCE,
+    INSTANCE_PUBLIC,
+    POOL,
+    STANDALONE,
+    echo,
+    inbound_model,
+    tcp,
+    udp,
+)
 
 GW_OUT = "198.51.100.1"
 BACKENDS = [ipaddress.IPv4Address(a).packed for a in (*POOL, INSTANCE, STANDALONE)]

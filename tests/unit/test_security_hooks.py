@@ -10,18 +10,21 @@ from gateway.core.packet import describe
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT, DROP
 from tests.unit.conftest import (
+    CLIENT,
     FRONTEND,
     INSTANCE,
     INSTANCE_PUBLIC,
     POOL,
     SERVER,
     STANDALONE,
+    deliver,
+    inbound_model,
     ip,
     out,
+    rule,
     tcp,
     udp,
 )
-from tests.unit.test_inbound import CLIENT, deliver, inbound_model, rule
 
 PROBE_SOURCE = "10.10.0.254"
 
