@@ -636,9 +636,10 @@ def fmt(v: float | None) -> str:
 def fmt_ratio(r: dict[str, Any]) -> str:
     if r["ratio"] is None:
         return "-"
-    text = f"{r['ratio']:.2f}x"
+    # Three significant figures, so that 0.598 against a 0.60 goal does not print as 0.60.
+    text = f"{r['ratio']:.3g}x"
     if r["ratio_min"] is not None and r["ratio_max"] is not None and r["ratio_max"] != r["ratio_min"]:
-        text += f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+        text += f" ({r['ratio_min']:.3g}-{r['ratio_max']:.3g})"
     return text
 
 

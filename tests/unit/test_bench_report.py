@@ -236,7 +236,7 @@ def test_report_prints_the_machine_the_workers_line_and_every_section_from_json(
     assert "workers: 1 (multi-worker not built" in text
     assert "RSS per flow at 1,000,000 flows" in text and "<= 300 B at 1M: MISSED" in text
     assert "UDP 64 B delivered" in text and ">= 0.60x: MISSED" in text
-    assert "0.55x (0.50-0.61)" in text
+    assert "0.55x (0.5-0.611)" in text
     assert "Where the time goes: not measured" in text
 
 
@@ -258,6 +258,12 @@ def test_table_columns_align_and_numbers_right_align() -> None:
     assert lines[1] == "-------+------"
     assert lines[2] == "a      |     1"
     assert lines[3] == "longer | 1,000"
+
+
+def test_a_ratio_just_under_its_goal_does_not_print_as_the_goal() -> None:
+    """Ratios keep three significant figures: 0.598 against >= 0.60 reads 0.598x, MISSED."""
+    r = bench.row(bench.METRICS["tcp_mbit"], [14_605.0], [8_736.0])
+    assert bench.fmt_ratio(r) == "0.598x" and bench.fmt_goal(r) == ">= 0.60x: MISSED"
 
 
 def test_numbers_keep_three_significant_figures_or_more() -> None:
