@@ -202,32 +202,6 @@ def apply(
     return sum(1 for j in JUMPS if j not in existing)
 
 
-def install(
-    inside: str,
-    outside: str,
-    queue: int,
-    publics: Iterable[int],
-    tcp_queue: int | None = None,
-    *,
-    probes: bool = False,
-) -> None:
-    """Install the rules over whatever a previous run left, atomically; raise RuntimeError on failure."""
-    apply(inside, outside, queue, publics, tcp_queue, probes=probes)
-
-
-def replace(
-    inside: str,
-    outside: str,
-    queue: int,
-    publics: Iterable[int],
-    tcp_queue: int | None = None,
-    *,
-    probes: bool = False,
-) -> int:
-    """Swap the rules for a new set (a reload); returns how many jumps had to be restored."""
-    return apply(inside, outside, queue, publics, tcp_queue, probes=probes)
-
-
 def guard(inside: str, outside: str) -> bool:
     """Leave only the guard (``stopped = "block"``): nothing queued, nothing from
     the inside leaves, nothing unsolicited gets in.

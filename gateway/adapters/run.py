@@ -154,7 +154,7 @@ class Gateway:
                     "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
                 )  # fmt: skip
             probes = bool(cfg.model.probes)
-            iptables.install(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
+            iptables.apply(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
             # After the rules, removed before the guard: a public address is never
             # local while nothing queues it (the host's own services would answer).
             system.add_addresses(cfg.outside, self.publics)
@@ -266,14 +266,14 @@ class Gateway:
         # leaves the interface before the swap, one that comes joins it after.
         try:
             system.remove_addresses(cfg.outside, gone)
-            jumps = iptables.replace(
+            jumps = iptables.apply(
                 cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue, probes=probes
             )
             summary = self.table.reconfigure(new.model, time.monotonic())
             system.add_addresses(cfg.outside, added)
         except (OSError, RuntimeError, ModelError) as e:
             had = bool(cfg.model.probes)
-            iptables.replace(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=had)
+            iptables.apply(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=had)
             system.remove_addresses(cfg.outside, added)
             system.add_addresses(cfg.outside, gone)
             return self._reject(source, "(system)", str(e))
