@@ -13,8 +13,10 @@ What runs, all in a lab of its own (``gateway.lab``), each process stopped by it
   socket, one datagram, its echo, close) from six sources (pool members, the instance IP's
   backend, standalone backends) to eight ports, and short TCP connections (connect, one
   byte each way, close) as fast as one thread makes them;
-* the gateway with short timeouts (flows idle out after 3 s, closed TCP lingers 1 s), so
-  flows end as fast as they start, and a state file written every 2 s;
+* the gateway with short timeouts (flows idle out after 6 s, closed TCP lingers 1 s), so
+  flows end as fast as they start, and a state file written every 2 s (the idle timeout
+  stays above the state file's age at a SIGKILL restart: up to one interval plus the
+  start-up, else every saved one-datagram flow would be expired on restore);
 * restarts: SIGTERM + start, and one SIGKILL + start, spread over the run.
 
 Checks (exit status 1 and the reason when one fails): the gateway's RSS (VmRSS of
@@ -72,7 +74,7 @@ CONFIG = """\
 inside = "{inside}"
 outside = "{outside}"
 queue = 0
-idle_timeout = 3
+idle_timeout = 6
 tcp_fin_linger = 1
 tcp_rst_linger = 1
 state_file = "{state}"
