@@ -42,6 +42,10 @@ class Mark(IntEnum):
     #: inside to one of the gateway's public addresses: the loop hands them to
     #: ``hairpin`` instead of ``out2in`` (docs/kernel.md, "Hairpin").
     HAIRPIN = 0x40000000
+    #: Set by a worker's ``NF_QUEUE`` verdict when it hands a packet it does not
+    #: own to the worker that does (docs/decisions.md, "Workers"): a packet that
+    #: carries it is never handed on again (dropped as ``drop_misrouted``).
+    REQUEUED = 0x08000000
 
 
 class SkbInfo(IntFlag):

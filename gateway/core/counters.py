@@ -72,6 +72,11 @@ class Counter(IntEnum):
     #: hairpinned packets.
     INBOUND_FLOWS_CREATED = 26
     HAIRPIN_TRANSLATED = 27
+    #: Packets this worker handed to the worker that owns them (docs/decisions.md, "Workers").
+    REQUEUED = 28
+    #: A packet handed on once already that its new worker does not own either
+    #: (the workers disagree, e.g. for a moment during a reload): dropped, never bounced twice.
+    DROP_MISROUTED = 29
 
 
 #: Public counter names, in index order (``snatgw stats``, ``gateway_stopped``, metrics).

@@ -33,6 +33,7 @@ from gateway.core.header import Buffer
 from gateway.core.health import HealthBook
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.security import SecurityPolicy
+from gateway.core.shard import Shard
 from gateway.core.wheel import TimerWheel
 
 if TYPE_CHECKING:
@@ -56,8 +57,13 @@ class TableState:
     #: first ``reconfigure``, rebuilt by every reload).
     security: SecurityPolicy
 
-    def __init__(self, model: GatewayModel, now: float, rng: Random | None = None) -> None:
+    def __init__(
+        self, model: GatewayModel, now: float, rng: Random | None = None, shard: Shard | None = None
+    ) -> None:
         self.model = model
+        #: Which part of the traffic this table owns when the gateway runs several
+        #: workers (:mod:`gateway.core.shard`); ``Shard(0, 1)`` owns everything.
+        self.shard = shard if shard is not None else Shard()
         #: The table's own random source (port choice, docs/decisions.md "Port choice"):
         #: passed in so tests are deterministic; never the module-global one.
         self.rng = rng if rng is not None else Random()

@@ -32,14 +32,17 @@ from gateway.core.icmp_error import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ZERO2
 from gateway.core.in2out import In2Out
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.out2in import Out2In
+from gateway.core.shard import Shard
 from gateway.core.verdict import DROP, Verdict
 
 
 class TranslationTable(In2Out, Out2In):
     """All flows of one gateway, both directions, their timers and counters."""
 
-    def __init__(self, model: GatewayModel, now: float, rng: Random | None = None) -> None:
-        super().__init__(model, now, rng)
+    def __init__(
+        self, model: GatewayModel, now: float, rng: Random | None = None, shard: Shard | None = None
+    ) -> None:
+        super().__init__(model, now, rng, shard)
         self.reconfigure(model, now)
 
     def hairpin(self, buf: Buffer, now: float) -> Verdict:
