@@ -33,7 +33,7 @@ from gateway.core.in2out import In2Out
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.out2in import Out2In
 from gateway.core.shard import Shard
-from gateway.core.verdict import DROP, Verdict
+from gateway.core.verdict import DROP, REQUEUE, Verdict
 
 
 class TranslationTable(In2Out, Out2In):
@@ -84,6 +84,23 @@ class TranslationTable(In2Out, Out2In):
                     self.end_flow(f, EndReason.CLOSED, now)
             return DROP
         self.counters[Counter.HAIRPIN_TRANSLATED] += 1
+        return verdict
+
+    def hairpin_second(self, buf: Buffer, now: float) -> Verdict:
+        """The destination half of a hairpinned packet whose source half another
+        worker did and handed here (docs/decisions.md, "Workers"): :meth:`out2in`
+        alone, counted ``hairpin_translated`` when it goes through. Never hands
+        the packet on again: one this worker does not own either is dropped
+        (``drop_misrouted``). A refusal here cannot end the sender's outbound
+        flow, which lives in the other worker: it idles out."""
+        verdict = self.out2in(buf, now)
+        if verdict >= REQUEUE:
+            c = self.counters
+            c[Counter.REQUEUED] -= 1
+            c[Counter.DROP_MISROUTED] += 1
+            return DROP
+        if verdict != DROP:
+            self.counters[Counter.HAIRPIN_TRANSLATED] += 1
         return verdict
 
     def _hairpin_new_key(self, buf: Buffer, ihl: int, proto: int) -> bytes | None:
@@ -150,6 +167,11 @@ class TranslationTable(In2Out, Out2In):
     def count_internal_error(self) -> None:
         """For adapters: a packet dropped because the core raised (a bug, never input)."""
         self.counters[Counter.DROP_INTERNAL] += 1
+
+    def count_misrouted(self) -> None:
+        """For adapters: a packet handed on once already that its new worker does not
+        own either (its core asked for a second re-queue), dropped, never bounced twice."""
+        self.counters[Counter.DROP_MISROUTED] += 1
 
 
 __all__ = ["Event", "TranslationTable"]
