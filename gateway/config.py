@@ -8,6 +8,7 @@ prints it as one line and exits 2).
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from gateway.core.model import (
     Timeouts,
 )
 from gateway.core.scenario import plan
+from gateway.core.shard import MAX_WORKERS
 from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS
 
 DEFAULT_CONTROL_SOCKET = "/run/snatgw/snatgw.sock"
@@ -40,6 +42,7 @@ RESTART_KEYS = (
     "control_mode",
     "control_max_clients",
     "metrics",
+    "workers",
 )
 
 
@@ -86,6 +89,10 @@ class GatewayConfig:
     #: StateDirectory=), else none; "": none.
     state_file: str | None = None
     state_interval: float = 5.0
+    #: Worker processes (README, "Workers"): 1 is the single-process gateway of
+    #: before; more run under a supervisor, each with its own queue pair
+    #: (``queue + 2*i``, ``queue + 2*i + 1``) and its share of the table.
+    workers: int = 1
 
     def restart_keys(self, other: GatewayConfig) -> list[str]:
         """Keys whose change a reload cannot apply (they need a restart)."""
@@ -130,11 +137,39 @@ _GATEWAY_KEYS = {
     "address_space",
     "inbound_default",
     "probe_source",
+    "workers",
 }
 
 
-def parse(text: str, path: str) -> GatewayConfig:
-    """Validate ``text`` (TOML) and build the configuration; raise ConfigError."""
+def auto_workers(cpus: int | None = None) -> int:
+    """``workers = "auto"``: one worker per CPU, at most :data:`MAX_WORKERS`."""
+    n = cpus if cpus is not None else os.cpu_count()
+    return max(1, min(n or 1, MAX_WORKERS))
+
+
+def _workers(r: Reader, value: Any, queue: int, client: str, cpus: int | None) -> int:
+    """``gateway.workers``: "auto" or 1..16, checked against the queue client and the
+    queue numbers it needs (worker i: ``queue + 2*i`` and ``queue + 2*i + 1``)."""
+    if value == "auto":
+        # The library client has one queue and no steering: auto means one worker there.
+        if client == "netfilterqueue":
+            return 1
+        return max(1, min(auto_workers(cpus), (65536 - queue) // 2))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise r.fail("gateway.workers", f'{value!r} is not "auto" or an integer from 1 to {MAX_WORKERS}')
+    if value > 1 and client == "netfilterqueue":
+        raise r.fail("gateway.workers", 'more than one worker needs queue_client = "netlink"')
+    if value > 1 and queue + 2 * value - 1 > 65535:
+        raise r.fail(
+            "gateway.workers",
+            f"{value} workers need queues {queue} to {queue + 2 * value - 1}; the last must be at most 65535",
+        )
+    return value
+
+
+def parse(text: str, path: str, cpus: int | None = None) -> GatewayConfig:
+    """Validate ``text`` (TOML) and build the configuration; raise ConfigError.
+    ``cpus``: what ``workers = "auto"`` counts (default: this machine's CPUs)."""
     r = Reader(path)
     try:
         doc = tomllib.loads(text)
@@ -158,6 +193,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         raise r.fail("gateway.queue_client", f"{client!r} is not one of netlink, netfilterqueue")
     if client == "netlink" and queue == 65535:
         raise r.fail("gateway.queue", "must be below 65535 with queue_client netlink (TCP uses queue + 1)")
+    workers = _workers(r, gw.get("workers", "auto"), queue, client, cpus)
     timeouts = Timeouts(
         idle=r.seconds(gw.get("idle_timeout", 240), "gateway.idle_timeout"),
         tcp_fin_linger=r.seconds(gw.get("tcp_fin_linger", 10), "gateway.tcp_fin_linger"),
@@ -303,7 +339,7 @@ def parse(text: str, path: str) -> GatewayConfig:
         path, inside, outside, queue, model, maxlen, client, control, group, metrics,
         stopped=stopped,
         state_file=state_file, state_interval=state_interval,
-        control_mode=mode, control_max_clients=max_clients,
+        control_mode=mode, control_max_clients=max_clients, workers=workers,
     )  # fmt: skip
 
 
