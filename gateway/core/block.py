@@ -227,21 +227,33 @@ class PortBlock:
 class BlockLayout:
     """Which chunks of one public address are owned, and the address's block size.
 
-    Chunks below :data:`PORT_MIN` and chunks holding an excluded port (an LB
-    rule's frontend port on this address) are never handed out.
+    Chunks below :data:`PORT_MIN`, chunks holding an excluded port (an LB
+    rule's frontend port on this address) and chunks outside ``span`` (this
+    worker's slice of the ports when the gateway runs several,
+    :mod:`gateway.core.shard`) are never handed out. ``excluded`` stays the
+    operator's alone: the slice is no exclusion anyone configured.
     """
 
     size: int
     excluded: frozenset[int] = frozenset()
     used: bytearray = field(default_factory=lambda: bytearray(CHUNKS))
+    #: The chunks ``[first, end)`` blocks may use (all of them with one worker).
+    span: tuple[int, int] = (FIRST_CHUNK, CHUNKS)
 
     def __post_init__(self) -> None:
-        self.used[:FIRST_CHUNK] = b"\1" * FIRST_CHUNK
+        lo, hi = self.span
+        self.used[:lo] = b"\1" * lo
+        self.used[hi:] = b"\1" * (CHUNKS - hi)
         for p in self.excluded:
             self.used[p >> CHUNK_SHIFT] = 1
 
     def free_chunks(self) -> int:
         return self.used.count(0)
+
+    def room(self) -> int:
+        """How many chunks blocks could hold at most: the span less excluded chunks."""
+        lo, hi = self.span
+        return hi - lo - len({c for p in self.excluded if lo <= (c := p >> CHUNK_SHIFT) < hi})
 
     def take(self, count: int, after: int = -1) -> list[int] | None:
         """``count`` free chunks, now owned; None (and nothing taken) if too few are free.
@@ -273,8 +285,9 @@ class BlockLayout:
     def give(self, chunks: Iterable[int]) -> None:
         """Chunks a block no longer owns go back."""
         ex = {p >> CHUNK_SHIFT for p in self.excluded}
+        lo, hi = self.span
         for c in chunks:
-            if c not in ex:
+            if c not in ex and lo <= c < hi:
                 self.used[c] = 0
 
     def set_excluded(self, excluded: frozenset[int]) -> set[int]:
@@ -283,8 +296,9 @@ class BlockLayout:
         old = {p >> CHUNK_SHIFT for p in self.excluded}
         new = {p >> CHUNK_SHIFT for p in excluded}
         self.excluded = excluded
+        lo, hi = self.span
         for c in old - new:
-            if c >= FIRST_CHUNK:
+            if lo <= c < hi:
                 self.used[c] = 0
         for c in new - old:
             self.used[c] = 1

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from gateway.core.checksum import apply, checksum, ones_sum
 from gateway.core.counters import Counter
+from gateway.core.dispatch import Dispatch
 from gateway.core.header import H_IP, Buffer, H, l4_offset
-from gateway.core.inbound import Inbound
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, Verdict
 
@@ -61,7 +61,7 @@ def icmp_checksum_ok(buf: Buffer, ihl: int, n: int) -> bool:
 _OUT2IN, _IN2OUT, _LOCAL_OUT = 0, 1, 2
 
 
-class IcmpErrors(Inbound):
+class IcmpErrors(Dispatch):
     """The ICMP error translation both per-packet paths hand errors to, and
     the entry point for the host's own errors."""
 
@@ -97,7 +97,7 @@ class IcmpErrors(Inbound):
         outside (Azure probes a backend without a group). Anything else,
         and a SYN to an address that is no backend, passes unchanged."""
         dst = int.from_bytes(buf[16:20], "big")
-        if dst not in self.backends and dst not in self.health.members:
+        if dst not in self.backends and dst not in self.health.members and dst not in self._foreign:
             return ACCEPT
         src = int.from_bytes(buf[12:16], "big")
         sport = buf[ihl] << 8 | buf[ihl + 1]
@@ -148,6 +148,16 @@ class IcmpErrors(Inbound):
         if f is None:
             if way == _LOCAL_OUT:
                 return self._local_unknown(buf, i)
+            if self._sharded:
+                # The quote names the flow's owner: its backend (in2out), or what
+                # its public address and port belong to (out2in).
+                if in2out:
+                    w = self._inside_owner(int.from_bytes(buf[i + 16 : i + 20], "big"))
+                else:
+                    quoted_dst, quoted_src = bytes(buf[i + 16 : i + 20]), bytes(buf[i + 12 : i + 16])
+                    w = self._outside_owner(iproto, quoted_dst, quoted_src, ports)
+                if w >= 0:
+                    return self._requeue(w)
             self.counters[Counter.DROP_NO_FLOW] += 1
             return DROP
         if way == _LOCAL_OUT:
@@ -201,8 +211,16 @@ class IcmpErrors(Inbound):
 
     def _local_unknown(self, buf: Buffer, i: int) -> Verdict:
         """A host error whose quote names no flow: suppressed if the quoted
-        destination is a backend, left alone otherwise (the host's own traffic)."""
-        if int.from_bytes(buf[i + 16 : i + 20], "big") in self.backends:
+        destination is a backend, left alone otherwise (the host's own traffic).
+        With several workers, one whose quoted destination another worker owns
+        goes to that worker, which alone knows whether it is a backend with a
+        flow (a standalone backend is known to its owner only)."""
+        dst = int.from_bytes(buf[i + 16 : i + 20], "big")
+        if self._sharded:
+            w = self._inside_owner(dst)
+            if w >= 0:
+                return self._requeue(w)
+        if dst in self.backends:
             self.counters[Counter.DROP_LOCAL_ICMP_NO_FLOW] += 1
             return DROP
         return ACCEPT

@@ -4,10 +4,12 @@ One dict lookup on a 12-byte inside key cut from the headers (source and
 destination address, source and destination port as they sit in the
 packet), then the source address and port and the checksums are rewritten
 in place with the flow's precomputed RFC 1624 deltas. A packet without a
-flow goes to :meth:`~gateway.core.placement.Placement._new_flow`; an ICMP
-error to :mod:`gateway.core.icmp_error`. Nothing here logs or raises for bad
-input; the only objects made per packet are the key (a ``bytes``) and, for
-a packet with IP options, the slices it is joined from.
+flow goes to :meth:`~gateway.core.placement.Placement._new_flow`, or, when
+its source belongs to another worker, to that worker first
+(:mod:`gateway.core.dispatch`); an ICMP error to
+:mod:`gateway.core.icmp_error`. Nothing here logs or raises for bad input;
+the only objects made per packet are the key (a ``bytes``) and, for a
+packet with IP options, the slices it is joined from.
 """
 
 from __future__ import annotations
@@ -47,9 +49,13 @@ class In2Out(IcmpErrors):
         # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
         key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
         if proto == PROTO_UDP:
-            f = self._udp_inside.get(key) or self._new_flow(buf, ihl, proto, key, now)
+            f = self._udp_inside.get(key)
             if f is None:
-                return DROP
+                if self._sharded and (w := self._inside_owner(int.from_bytes(buf[12:16], "big"))) >= 0:
+                    return self._requeue(w)
+                f = self._new_flow(buf, ihl, proto, key, now)
+                if f is None:
+                    return DROP
             _sp, dp, ln, c = UDP_HEADER.unpack_from(buf, ihl)
             if c:
                 c -= f.in2out_l4
@@ -57,9 +63,13 @@ class In2Out(IcmpErrors):
                     c += 0xFFFF
             UDP_HEADER.pack_into(buf, ihl, f.public_port, dp, ln, c)
         elif proto == PROTO_TCP:
-            f = self._tcp_inside.get(key) or self._new_tcp_flow(buf, ihl, n, key, now)
+            f = self._tcp_inside.get(key)
             if f is None:
-                return DROP
+                if self._sharded and (w := self._inside_owner(int.from_bytes(buf[12:16], "big"))) >= 0:
+                    return self._requeue(w)
+                f = self._new_tcp_flow(buf, ihl, n, key, now)
+                if f is None:
+                    return DROP
             # The backend's window (flow.in_window): a plain ACK stores two ints;
             # SYN, FIN, RST and odd flags take the slow path.
             ack, fl, win = TCP_ACK_WIN(buf, ihl + 8)
@@ -116,6 +126,8 @@ class In2Out(IcmpErrors):
             key = bytes(buf[12:20]) + bytes(buf[ihl + 4 : ihl + 6]) + ZERO2
             f = self._icmp_inside.get(key)
             if f is None:
+                if self._sharded and (w := self._inside_owner(int.from_bytes(buf[12:16], "big"))) >= 0:
+                    return self._requeue(w)
                 if typ == ICMP_ECHO_REPLY:
                     # A reply only answers a ping opened from the outside (an instance IP).
                     self.counters[_D_UNSUPPORTED] += 1

@@ -38,6 +38,7 @@ from gateway.core.flow import EndReason, Flow, TcpState, new_flow
 from gateway.core.health import probe_pairs
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Distribution, GatewayModel, Probe
 from gateway.core.placement import Placement
+from gateway.core.shard import backend_owner
 from gateway.core.state import Buffer
 
 _ZERO2 = b"\0\0"
@@ -71,6 +72,11 @@ class InboundTarget:
     opening: bool = False
     #: The members up now (all of them without a probe), lowest address first.
     healthy: tuple[int, ...] = ()
+    #: The healthy members this worker owns (all of ``healthy`` with one worker):
+    #: the ones a flow opened here may go to (:mod:`gateway.core.dispatch`).
+    mine: tuple[int, ...] = ()
+    #: Bit ``k`` set: worker ``k`` owns a healthy member.
+    up: int = 0
 
 
 #: (protocol, public address, port) -> what serves it.
@@ -121,13 +127,18 @@ def pick_member(
     n = len(healthy)
     if n == 1:
         return healthy[0]
+    return healthy[distribution_hash(distribution, proto, src, dst, ports) % n]
+
+
+def distribution_hash(distribution: Distribution, proto: int, src: bytes, dst: bytes, ports: bytes) -> int:
+    """The CRC-32 :func:`pick_member` takes modulo the members (see there)."""
     if distribution == Distribution.SOURCE_IP:
         data = src + dst
     elif distribution == Distribution.SOURCE_IP_PROTOCOL:
         data = src + dst + PROTO_BYTES[proto]
     else:
         data = src + dst + ports + PROTO_BYTES[proto]
-    return healthy[zlib.crc32(data) % n]
+    return zlib.crc32(data)
 
 
 PROTO_BYTES: tuple[bytes, ...] = tuple(bytes((p,)) for p in range(256))
@@ -172,8 +183,11 @@ class Inbound(Placement):
             self._refresh_healthy(probe)
 
     def _refresh_healthy(self, probe: str | None = None) -> None:
-        """Recompute the healthy members of every target (of one probe's targets)."""
+        """Recompute the healthy members of every target (of one probe's targets), and
+        which of them each worker owns (every worker probes every member, so all
+        of them agree on this, :mod:`gateway.core.dispatch`)."""
         up = self.health.is_up
+        shard = self.shard
         for t in self.inbound_index.values():
             if probe is not None and t.probe != probe:
                 continue
@@ -181,6 +195,13 @@ class Inbound(Placement):
                 t.healthy = tuple(m for m in t.members if up(t.probe, m))
             else:
                 t.healthy = t.members
+            if shard.alone:
+                t.mine, t.up = t.healthy, 1 if t.healthy else 0
+            else:
+                t.mine = tuple(m for m in t.healthy if backend_owner(m, shard.count) == shard.index)
+                t.up = 0
+                for m in t.healthy:
+                    t.up |= 1 << backend_owner(m, shard.count)
 
     # ------------------------------------------------------------------ new inbound flows
 
@@ -213,7 +234,7 @@ class Inbound(Placement):
                 return None
             backend_port_b, scenario, idle, opening = port_b, Scenario.INSTANCE_IP, 0.0, False
         else:
-            healthy = t.healthy
+            healthy = t.mine
             if not healthy:
                 c[Counter.DROP_NO_HEALTHY_MEMBER] += 1
                 return None

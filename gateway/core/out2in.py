@@ -10,8 +10,10 @@ to the inside.
 
 A packet that matches no flow may open one when an LB rule, an inbound NAT
 rule or an instance IP serves its destination
-(:meth:`~gateway.core.inbound.Inbound._open_inbound`); that branch is taken
-only after the dict lookup missed, so a live flow's packet costs what it did.
+(:meth:`~gateway.core.inbound.Inbound._open_inbound`), or belong to another
+worker, which it is handed to (:mod:`gateway.core.dispatch`); both branches
+are taken only after the dict lookup missed, so a live flow's packet costs
+what it did.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Out2In(IcmpErrors):
         if proto == PROTO_UDP:
             f = self._udp_outside.get(key)
             if f is None:
+                if self._sharded and (w := self._outside_owner(PROTO_UDP, key[:4], key[4:8], key[8:12])) >= 0:
+                    return self._requeue(w)
                 f = self._open_inbound(buf, ihl, PROTO_UDP, key, now)
                 if f is None:
                     return DROP
@@ -56,6 +60,8 @@ class Out2In(IcmpErrors):
         elif proto == PROTO_TCP:
             f = self._tcp_outside.get(key)
             if f is None:
+                if self._sharded and (w := self._outside_owner(PROTO_TCP, key[:4], key[4:8], key[8:12])) >= 0:
+                    return self._requeue(w)
                 f = self._open_inbound(buf, ihl, PROTO_TCP, key, now)
                 if f is None:
                     return DROP
@@ -97,6 +103,8 @@ class Out2In(IcmpErrors):
         # a request rides only a ping opened from the outside (or opens one to an
         # instance IP, docs/model.md "Inbound"), a reply only the backend's own.
         if f is None:
+            if self._sharded and (w := self._outside_owner(PROTO_ICMP, key[:4], key[4:8], key[8:12])) >= 0:
+                return self._requeue(w)
             if typ != ICMP_ECHO_REQUEST:
                 self.counters[_D_NO_FLOW] += 1
                 return DROP

@@ -16,7 +16,7 @@ from gateway.core.flow import Flow
 from gateway.core.reconfigure import Reconfigure
 from gateway.core.scenario import pick_default
 from gateway.core.state import Buffer
-from gateway.core.tier import ports_per_backend
+from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS
 
 
 class Placement(Reconfigure):
@@ -50,13 +50,19 @@ class Placement(Reconfigure):
 
         The address's tier counts the standalone backends on it; when this one
         pushes it into a higher tier every block there halves first
-        (docs/model.md, "Resizing").
+        (docs/model.md, "Resizing"). With several workers only the source's
+        owner places it, and each worker counts its own standalone backends
+        there: at most 1000 / workers each, in the tier of that count times the
+        workers (:meth:`~gateway.core.reconfigure.Reconfigure._default_size`).
         """
-        addr = pick_default(self.defaults)
+        shard = self.shard
+        if not shard.owns_backend(src):
+            return None
+        addr = pick_default(self.defaults, MAX_BACKENDS_PER_ADDRESS // shard.count)
         if addr is None or addr.layout is None:
             return None
         count = len(addr.members) + 1
-        self._resize(addr, ports_per_backend(count), count)
+        self._resize(addr, self._default_size(addr, count), count)
         chunks = addr.layout.take(addr.layout.size >> CHUNK_SHIFT)
         if chunks is None:
             return None

@@ -19,8 +19,8 @@ an address flap and halve everyone's blocks more than once per period.
 
 from __future__ import annotations
 
-from gateway.core.address import AddressKind, Backend, PublicAddress, Scenario, ip_str, new_pat_address
-from gateway.core.block import CHUNK_SHIFT, PortBlock
+from gateway.core.address import AddressKind, Backend, PublicAddress, Scenario, ip_str
+from gateway.core.block import CHUNK, CHUNK_SHIFT, BlockLayout, PortBlock
 from gateway.core.counters import END_COUNTER
 from gateway.core.events import (
     FlowCreated,
@@ -36,9 +36,10 @@ from gateway.core.events import (
 from gateway.core.flow import EndReason, Flow, timeout_for
 from gateway.core.lifecycle import FlowLifecycle
 from gateway.core.model import PROTO_NAMES, GatewayModel
-from gateway.core.scenario import plan
+from gateway.core.scenario import AddressPlan, Plan, plan
 from gateway.core.security import SecurityPolicy
-from gateway.core.tier import ports_per_backend
+from gateway.core.shard import slice_chunks
+from gateway.core.tier import MAX_BACKENDS_PER_ADDRESS, ports_per_backend
 
 #: Keys of the summary :meth:`Reconfigure.reconfigure` returns (``config_reloaded``).
 SUMMARY_KEYS = ("addresses_added", "addresses_removed", "backends_added", "backends_removed", "tier_changes")
@@ -66,6 +67,12 @@ def _flow_keys(f: Flow) -> tuple[str, str, int, str, int, str, int]:
 class Reconfigure(FlowLifecycle):
     """Applying a configuration, and every resize it or a standalone backend causes."""
 
+    #: One of several workers (:mod:`gateway.core.shard`): the ownership checks run,
+    #: on the paths where a flow lookup missed only.
+    _sharded: bool = False
+    #: Configured backends other workers own (they get no block here).
+    _foreign: frozenset[int] = frozenset()
+
     def reconfigure(self, model: GatewayModel, now: float) -> dict[str, int]:
         """Apply a (new) configuration, keeping every flow it does not affect.
 
@@ -81,6 +88,10 @@ class Reconfigure(FlowLifecycle):
         """
         p = plan(model)
         security = SecurityPolicy(model, previous=getattr(self, "security", None))
+        shard = self.shard
+        self._sharded = not shard.alone
+        owned = {b for b in p.placements if shard.owns_backend(b)}
+        self._foreign = frozenset(p.placements.keys() - owned)
         before = self._ended_total()
         summary = dict.fromkeys(SUMMARY_KEYS, 0)
         for ip, addr in list(self.addresses.items()):
@@ -109,7 +120,7 @@ class Reconfigure(FlowLifecycle):
                 if ap.kind == AddressKind.INSTANCE_IP:
                     self.addresses[ip] = PublicAddress(ip, ap.kind)
                 else:
-                    self.addresses[ip] = new_pat_address(ip, ap.kind, ap.name, ap.excluded, p.tier_count(ip))
+                    self.addresses[ip] = self._new_pat_address(ap, p, owned)
                 summary["addresses_added"] += 1
         for ip, addr in self.addresses.items():
             if addr.layout is None:
@@ -117,10 +128,15 @@ class Reconfigure(FlowLifecycle):
             ap = p.addresses[ip]
             if ap.excluded != addr.layout.excluded:
                 self._exclude(addr, ap.excluded)
-            count = p.tier_count(ip) if addr.kind == AddressKind.FRONTEND else len(addr.members)
-            if self._resize(addr, ports_per_backend(count), count, now):
+            if addr.kind == AddressKind.FRONTEND:
+                count = p.tier_count(ip)
+                size = self._tier_size(addr.layout, count, sum(1 for b in p.members(ip) if b in owned))
+            else:
+                count = len(addr.members)
+                size = self._default_size(addr, count)
+            if self._resize(addr, size, count, now):
                 summary["tier_changes"] += 1
-        for bip in sorted(p.placements):
+        for bip in sorted(owned):
             if bip in self.backends:
                 continue
             pl = p.placements[bip]
@@ -147,6 +163,40 @@ class Reconfigure(FlowLifecycle):
         self.timeouts = model.timeouts
         summary["flows_ended"] = self._ended_total() - before
         return summary
+
+    def _new_pat_address(self, ap: AddressPlan, p: Plan, owned: set[int]) -> PublicAddress:
+        """A PAT address (frontend or default SNAT) with an empty layout, laid in this
+        worker's slice, in the tier :meth:`_tier_size` gives it."""
+        shard = self.shard
+        if shard.alone:
+            layout = BlockLayout(ports_per_backend(p.tier_count(ap.ip)), ap.excluded)
+        else:
+            layout = BlockLayout(1024, ap.excluded, span=slice_chunks(shard.index, shard.count))
+            if ap.kind == AddressKind.FRONTEND:
+                own = sum(1 for b in p.members(ap.ip) if b in owned)
+                layout.size = self._tier_size(layout, p.tier_count(ap.ip), own)
+        return PublicAddress(ap.ip, ap.kind, ap.name, layout)
+
+    def _tier_size(self, layout: BlockLayout, count: int, own: int) -> int:
+        """The block size of a layout: the tier of ``count`` backends (docs/model.md,
+        "Preallocation by pool size"); with several workers, shrunk to the largest
+        tier whose ``own`` blocks (this worker's backends there) fit its slice
+        (docs/decisions.md, "Workers": slices and tiers). One worker: the tier."""
+        size = ports_per_backend(count)
+        if self._sharded and own:
+            room = layout.room()
+            while size > CHUNK and own * (size >> CHUNK_SHIFT) > room:
+                size >>= 1
+        return size
+
+    def _default_size(self, addr: PublicAddress, local: int) -> int:
+        """The block size on default SNAT address ``addr`` for ``local`` standalone
+        backends of this worker: the tier of ``local`` times the worker count
+        (every worker places its own share of the sources there), fitted to the
+        slice (:meth:`_tier_size`)."""
+        layout = addr.layout
+        assert layout is not None
+        return self._tier_size(layout, min(local * self.shard.count, MAX_BACKENDS_PER_ADDRESS), local)
 
     # ---------------------------------------------------------- per-flow logging (optional)
     # ``log_flows`` wraps the two places every flow starts and ends; off, it costs one
@@ -369,13 +419,13 @@ class Reconfigure(FlowLifecycle):
             self._drop_backends(addr, bes, ReclaimReason.BACKEND_IDLE)
             if addr.layout is not None:
                 count = len(addr.members)
-                self._resize(addr, ports_per_backend(count), count, now)
+                self._resize(addr, self._default_size(addr, count), count, now)
         self._vacant_due = due
 
     def _grow_allowed_at(self, addr: PublicAddress, count: int) -> float:
         """When ``addr`` may move to the tier of ``count`` backends: at once unless that is
         a lower tier (larger blocks), then ``idle_timeout`` after its last tier change."""
         layout = addr.layout
-        if layout is None or ports_per_backend(count) <= layout.size:
+        if layout is None or self._default_size(addr, count) <= layout.size:
             return float("-inf")
         return self._tier_changed.get(addr.ip, float("-inf")) + self.timeouts.idle

@@ -128,12 +128,13 @@ def plan(model: GatewayModel) -> Plan:
     return plan_
 
 
-def pick_default(defaults: list[PublicAddress]) -> PublicAddress | None:
+def pick_default(defaults: list[PublicAddress], cap: int = MAX_BACKENDS_PER_ADDRESS) -> PublicAddress | None:
     """The default SNAT address for a new standalone backend: the least shared one
-    that still has room (first in configuration order on a tie), or None."""
+    that still has room (fewer than ``cap`` members: 1000, or with several workers
+    each one's share of it), first in configuration order on a tie; or None."""
     best: PublicAddress | None = None
     for addr in defaults:
-        if len(addr.members) >= MAX_BACKENDS_PER_ADDRESS:
+        if len(addr.members) >= cap:
             continue
         if best is None or len(addr.members) < len(best.members):
             best = addr
