@@ -32,6 +32,7 @@ back. No lock is held across packets, and a snapshot is consistent.
 from __future__ import annotations
 
 import contextlib
+import gc
 import selectors
 import signal
 import socket
@@ -61,6 +62,8 @@ _GSO = int(SkbInfo.GSO)
 MAX_SLEEP = 0.5
 #: Packets handled per NetlinkQueue.receive call before the loop looks at timers.
 BATCH = 256
+#: Seconds between two gc.freeze() calls (see PacketLoop.run).
+FREEZE_EVERY = 10.0
 #: Upper bounds (seconds) of the loop latency histogram: the time one pass
 #: takes to handle the packets that woke it.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -228,7 +231,19 @@ class PacketLoop:
             c.done.set()
 
     def run(self) -> None:
-        """Serve packets until :meth:`stop` (or SIGINT/SIGTERM) is called."""
+        """Serve packets until :meth:`stop` (or SIGINT/SIGTERM) is called.
+
+        Long-lived objects (the model, the table, its flows) are moved out of the
+        collector's reach with ``gc.freeze()`` at start and every
+        :data:`FREEZE_EVERY` seconds after a young-generation collection: a full
+        collection over a table of 500k flow objects took 0.35 s (measured,
+        issue 11), a pause on the packet path. Frozen objects are still freed by
+        reference counting; only a cycle that survived the young collections
+        before a freeze is never collected.
+        """
+        gc.collect()
+        gc.freeze()
+        next_freeze = time.monotonic() + FREEZE_EVERY
         rfd, wfd = self._wake_r, self._wake_w
         old_wakeup = signal.set_wakeup_fd(wfd.fileno())
         sel = selectors.DefaultSelector()
@@ -264,6 +279,10 @@ class PacketLoop:
                     latency[bisect_left(LATENCY_BUCKETS, took)] += 1
                     self.latency_sum += took
                 table.handle_timer(time.monotonic())
+                if start > next_freeze:
+                    next_freeze = start + FREEZE_EVERY
+                    gc.collect(1)
+                    gc.freeze()
                 if self.hup:
                     self.hup = False
                     self.on_hup()
