@@ -14,7 +14,10 @@ that delivered it to still deliver its public address and port to its
 backend and port. Every flow is then asked again of the current security
 groups and dropped if they deny it: the file does not say which rules
 admitted it, so a restore fails closed (docs/decisions.md, "Restore re-checks
-the rules"). Member health is not saved: probed members start down.
+the rules"). Member health is not saved: probed members start down. With several
+workers each restores its own file, keeping only the flows of backends it
+owns and ports in its slice (the worker count may have changed since): the
+others are dropped and counted (``dropped_not_owned``, ``dropped_port``).
 
 Pure: no IO, ``now`` and ``wall`` are passed in.
 """
@@ -35,7 +38,6 @@ from gateway.core.model import PROTO_ICMP, PROTO_NAMES
 from gateway.core.persist import FIELD_KINDS, FORMAT, REQUIRED_FIELDS, TIME_FIELDS, VERSION, BackendRecord
 from gateway.core.security import Decision
 from gateway.core.table import TranslationTable
-from gateway.core.tier import ports_per_backend
 
 
 @dataclass(slots=True)
@@ -56,6 +58,10 @@ class RestoreSummary:
     dropped_conflict: int = 0
     #: Flows the security groups of the current configuration deny (fail closed).
     dropped_denied: int = 0
+    #: Flows of backends another worker owns (the worker count changed since the
+    #: snapshot, docs/decisions.md "Workers"); a flow whose port left this
+    #: worker's slice counts in ``dropped_port``.
+    dropped_not_owned: int = 0
     standalone_backends: int = 0
     #: Backends whose flows were dropped because their placement changed (at most 20 listed).
     changed_backends: list[int] = field(default_factory=list)
@@ -346,7 +352,11 @@ def restore(
         live.setdefault(v["backend"], []).append((sf, timeout))
 
     alike: dict[int, BackendRecord] = {}
+    shard = table.shard
     for ip, group in live.items():
+        if not shard.owns_backend(ip):
+            summary.dropped_not_owned += len(group)
+            continue
         rec = backends.get(ip)
         if rec is not None and _placed_alike(table, rec, ip):
             alike[ip] = rec
@@ -366,7 +376,7 @@ def restore(
         assert addr.layout is not None
         count = len(addr.members) + len(recs)
         if not addr.members:
-            addr.layout.size = ports_per_backend(count)
+            addr.layout.size = table._default_size(addr, count)
         for rec in sorted(recs, key=lambda r: r.ip):
             table._add_backend(Backend(rec.ip, Scenario.DEFAULT, addr, None))
             summary.standalone_backends += 1

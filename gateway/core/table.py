@@ -64,11 +64,22 @@ class TranslationTable(In2Out, Out2In):
         target's half refuses it after all (its security groups, a flow cap),
         the outbound flow just made for it is ended at once
         (``flows_ended_closed``), so a refused hairpin holds no port.
+
+        With several workers (docs/decisions.md, "Workers"), the sender's owner
+        gets the packet (steered by source) and does the source half; when the
+        destination half belongs to another worker the packet, rewritten so
+        far, goes there (``REQUEUES[k]``), which does it in
+        :meth:`hairpin_second`. A refusal there cannot end the outbound flow
+        made here: it idles out. A sender this worker does not own is dropped
+        (``drop_misrouted``): a re-queued hairpin is always a second half.
         """
         n = len(buf)
         ihl = l4_offset(buf, n)
         if ihl < 0:
             self.counters[-ihl] += 1
+            return DROP
+        if self._sharded and self._inside_owner(int.from_bytes(buf[12:16], "big")) >= 0:
+            self.counters[Counter.DROP_MISROUTED] += 1
             return DROP
         proto = buf[9]
         key = self._hairpin_new_key(buf, ihl, proto)
@@ -77,6 +88,8 @@ class TranslationTable(In2Out, Out2In):
         if self.in2out(buf, now) == DROP:
             return DROP
         verdict = self.out2in(buf, now)
+        if verdict >= REQUEUE:
+            return verdict
         if verdict == DROP:
             if key:
                 f = self.inside[proto].get(key)
