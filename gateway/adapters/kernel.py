@@ -27,6 +27,11 @@ class Hook(IntEnum):
     #: that carries :attr:`Mark.HAIRPIN` (from the inside to a public address,
     #: docs/kernel.md "Hairpin"). Above any u8 hook number, so it never collides.
     PRE_ROUTING_HAIRPIN = 0x100
+    #: Not a hook: a flag the netlink client adds to the hook of a packet that
+    #: carries :attr:`Mark.REQUEUED` (another worker handed it on,
+    #: docs/kernel.md "Steering"). A hook with it never equals one above, so the
+    #: loop's dispatch of the packets that were not handed on is unchanged.
+    REQUEUED = 0x200
 
 
 class Mark(IntEnum):
@@ -46,6 +51,17 @@ class Mark(IntEnum):
     #: own to the worker that does (docs/decisions.md, "Workers"): a packet that
     #: carries it is never handed on again (dropped as ``drop_misrouted``).
     REQUEUED = 0x08000000
+
+
+#: ``NF_QUEUE`` (``linux/netfilter.h``): a verdict that queues the packet again,
+#: to the queue number in its upper 16 bits (``NF_VERDICT_QBITS``), at the
+#: same hook. With no listener there the kernel drops it (no bypass flag).
+NF_QUEUE = 3
+
+
+def requeue_verdict(queue: int) -> int:
+    """The verdict that hands a packet to ``queue`` (``NF_QUEUE_NR(queue)``)."""
+    return NF_QUEUE | (queue << 16)
 
 
 class SkbInfo(IntFlag):

@@ -19,7 +19,16 @@ host itself sends on the outside or a probe SYN toward the inside,
 ``local_out``). A PREROUTING packet from the inside to a public address
 carries ``Mark.HAIRPIN``, set by the rule just before its queue rule; both
 clients report it as ``Hook.PRE_ROUTING_HAIRPIN`` and it goes to ``hairpin``
-(docs/kernel.md, "Hairpin"). The loop sleeps in
+(docs/kernel.md, "Hairpin").
+
+With several workers (docs/kernel.md, "Steering") each worker's loop binds
+its own pair, ``queue + 2 * worker`` and the next, and its table may answer
+``REQUEUES[k]`` for a packet worker k owns: the queue client hands the
+packet on to worker k's queue of the same kind with ``Mark.REQUEUED`` added.
+A packet that arrives with that mark is reported with ``Hook.REQUEUED`` in
+its hook and goes the slower way (:meth:`PacketLoop._requeued`): its hairpin
+half is ``hairpin_second``, and a second REQUEUE drops it as misrouted. The
+loop sleeps in
 ``select`` until a packet arrives or the core's next timer is due
 (``get_timer`` / ``handle_timer``, as in aioquic), then drains the sockets.
 
@@ -49,10 +58,12 @@ from gateway.adapters.kernel import Hook, Mark, SkbInfo
 from gateway.adapters.nfqueue import NetlinkQueue
 from gateway.core.packet import fill_l4_checksum
 from gateway.core.table import TranslationTable
-from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP
+from gateway.core.verdict import ACCEPT, ACCEPT_MODIFIED, ACCEPT_MODIFIED_MARK, DROP, REQUEUE, Verdict
 
 #: Plain ints for the per-packet handler (an IntFlag ``&`` builds a new member each time).
 _POST_ROUTING = int(Hook.POST_ROUTING)
+_PRE_ROUTING = int(Hook.PRE_ROUTING)
+_REQUEUED = int(Hook.REQUEUED)
 _LOCAL_OUT = int(Hook.LOCAL_OUT)
 _HAIRPIN = int(Hook.PRE_ROUTING_HAIRPIN)
 _HAIRPIN_MARK = int(Mark.HAIRPIN)
@@ -82,7 +93,12 @@ class _Call:
 
 
 class PacketLoop:
-    """Binds the queues and runs the table until asked to stop."""
+    """Binds the queues and runs the table until asked to stop.
+
+    ``worker`` of ``workers`` picks the queue pair (``queue + 2 * worker``,
+    ``+ 1``) and where REQUEUE verdicts go; the netfilterqueue client has one
+    queue and no re-queue, so it runs one worker only.
+    """
 
     def __init__(
         self,
@@ -94,8 +110,14 @@ class PacketLoop:
         rcvbuf: int = 16 << 20,
         on_events: Callable[[], None] = lambda: None,
         on_hup: Callable[[], None] = lambda: None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
+        if not 0 <= worker < workers or (workers > 1 and client == "netfilterqueue"):
+            raise ValueError(f"worker {worker} of {workers} with the {client} client")
         self.table = table
+        self.worker = worker
+        self.workers = workers
         self.now = time.monotonic()
         self.on_events = on_events
         self.on_hup = on_hup
@@ -119,8 +141,11 @@ class PacketLoop:
                 self.sock = socket.socket(fileno=self.nfq.get_fd())
                 self.sock.setblocking(False)
             else:
-                for num, gso in ((queue, False), (queue + 1, True)):
-                    q = NetlinkQueue(num, gso=gso, max_len=max_len, rcvbuf=rcvbuf)
+                base = queue + 2 * worker
+                for num, gso in ((base, False), (base + 1, True)):
+                    # Worker k's queue of the same kind: what REQUEUES[k] hands a packet to.
+                    to = [queue + 2 * k + gso for k in range(workers)] if workers > 1 else []
+                    q = NetlinkQueue(num, gso=gso, max_len=max_len, rcvbuf=rcvbuf, requeue_to=to)
                     self.queues.append(q)
         except OSError:
             self.close()
@@ -160,16 +185,42 @@ class PacketLoop:
         try:
             if hook == _POST_ROUTING:
                 verdict = table.in2out(payload, self.now)
-            elif hook == _LOCAL_OUT:
-                verdict = table.local_out(payload, self.now)
+            elif hook == _PRE_ROUTING:
+                verdict = table.out2in(payload, self.now)
             elif hook == _HAIRPIN:
                 verdict = table.hairpin(payload, self.now)
+            elif hook == _LOCAL_OUT:
+                verdict = table.local_out(payload, self.now)
             else:
-                verdict = table.out2in(payload, self.now)
+                verdict = self._requeued(payload, hook)
             if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0
                 fill_l4_checksum(payload)
         except Exception:  # as above: drop and count, never stop the loop
             table.count_internal_error()
+            return DROP
+        return verdict
+
+    def _requeued(self, payload: memoryview, hook: int) -> Verdict:
+        """A packet another worker handed on (``Hook.REQUEUED`` in ``hook``; the
+        kernel's other hooks never reach the loop).
+
+        Dispatched like the rest, except that the second half of a hairpin
+        (``PRE_ROUTING_HAIRPIN``) is ``hairpin_second``: the sender's worker
+        did the first. A REQUEUE now is dropped and counted, never handed on
+        again (docs/kernel.md, "Steering").
+        """
+        table = self.table
+        hook &= ~_REQUEUED
+        if hook == _POST_ROUTING:
+            verdict = table.in2out(payload, self.now)
+        elif hook == _HAIRPIN:
+            verdict = table.hairpin_second(payload, self.now)
+        elif hook == _LOCAL_OUT:
+            verdict = table.local_out(payload, self.now)
+        else:
+            verdict = table.out2in(payload, self.now)
+        if verdict >= REQUEUE:
+            table.count_misrouted()
             return DROP
         return verdict
 
@@ -245,7 +296,10 @@ class PacketLoop:
         gc.freeze()
         next_freeze = time.monotonic() + FREEZE_EVERY
         rfd, wfd = self._wake_r, self._wake_w
-        old_wakeup = signal.set_wakeup_fd(wfd.fileno())
+        # Only the main thread may set a wakeup fd; in another thread (a test's) stop()
+        # takes effect within MAX_SLEEP.
+        main = threading.current_thread() is threading.main_thread()
+        old_wakeup = signal.set_wakeup_fd(wfd.fileno()) if main else -1
         sel = selectors.DefaultSelector()
         sel.register(rfd, selectors.EVENT_READ)
         if self.sock is not None:
@@ -291,7 +345,8 @@ class PacketLoop:
                 if table.events:
                     self.on_events()
         finally:
-            signal.set_wakeup_fd(old_wakeup)
+            if main:
+                signal.set_wakeup_fd(old_wakeup)
             sel.close()
             self._closed = True
             self._run_calls()

@@ -52,6 +52,7 @@ __all__ = [
     "pack_unbind",
     "pack_verdict",
     "pack_verdict_into",
+    "packet_mark",
     "parse",
     "parse_message",
 ]
@@ -151,7 +152,7 @@ class Message(NamedTuple):
     #: Packet id for PACKET / TRUNCATED / UNUSABLE, the errno for ERROR, else 0.
     packet_id: int
     #: Netfilter hook (:class:`gateway.adapters.kernel.Hook`); 0x100 added when
-    #: the packet carries ``Mark.HAIRPIN``.
+    #: the packet carries ``Mark.HAIRPIN``, 0x200 when it carries ``Mark.REQUEUED``.
     hook: int
     #: NFQA_SKB_INFO flags (:class:`gateway.adapters.kernel.SkbInfo`).
     skbinfo: int
@@ -192,7 +193,10 @@ def parse_message(
     mark has ``Mark.HAIRPIN`` (0x40000000) is reported with hook
     ``Hook.PRE_ROUTING_HAIRPIN`` (0x100 | hook): the handler's signature stays
     ``(payload, hook, skbinfo)`` and the loop's dispatch one integer compare
-    (docs/kernel.md, "Hairpin").
+    (docs/kernel.md, "Hairpin"). Likewise ``Mark.REQUEUED`` (0x08000000: another
+    worker handed the packet on) adds ``Hook.REQUEUED`` (0x200; docs/kernel.md,
+    "Steering"); the whole mark is read again, off the per-packet path, by
+    :func:`packet_mark` when a packet is handed on.
 
     This is the per-packet path: numbers are literals and the struct methods
     and kinds are bound as defaults (fast local lookups); the trailing
@@ -214,7 +218,7 @@ def parse_message(
         mend = off + mlen
         a = off + 20  # past nlmsghdr + nfgenmsg
         pid = -1
-        hook = info = poff = hairpin = 0
+        hook = info = poff = mark = 0
         plen = cap = -1
         ok = a <= mend
         # a + 4 <= mend implies mlen >= 24, so alen, atype hold the attribute at a
@@ -239,14 +243,17 @@ def parse_message(
             elif atype == 13 and alen >= 8:  # NFQA_CAP_LEN
                 cap = _be32(buf, a + 4)[0]
             elif atype == 3 and alen >= 8:  # NFQA_MARK (only sent when the mark is not 0)
-                hairpin = _be32(buf, a + 4)[0] & 0x40000000  # Mark.HAIRPIN
+                mark = _be32(buf, a + 4)[0]
             a += (alen + 3) & -4  # NLA_ALIGN
             if a + 4 <= mend:
                 alen, atype = _nla(buf, a)
         if pid < 0:
             return (_bad, nxt, 0, 0, 0, 0, 0)
-        if hairpin:
-            hook |= 0x100  # Hook.PRE_ROUTING_HAIRPIN (the mark is only set in PREROUTING)
+        if mark:
+            if mark & 0x40000000:  # Mark.HAIRPIN (only set in PREROUTING)
+                hook |= 0x100  # Hook.PRE_ROUTING_HAIRPIN
+            if mark & 0x08000000:  # Mark.REQUEUED
+                hook |= 0x200  # Hook.REQUEUED
         if not ok or plen <= 0:
             return (_unusable, nxt, pid, hook, info, 0, 0)
         if cap > plen:
@@ -257,6 +264,28 @@ def parse_message(
             return (_bad, nxt, 0, 0, 0, 0, 0)
         return (_error, nxt, -_errno(buf, off + 16)[0], 0, 0, 0, 0)
     return (_other, nxt, 0, 0, 0, 0, 0)
+
+
+def packet_mark(buf: bytes | bytearray | memoryview, off: int, end: int) -> int:
+    """The NFQA_MARK of the packet message at ``buf[off:end]``, 0 when it has none.
+
+    For the re-queue path, which must send the packet's own mark back with
+    ``Mark.REQUEUED`` added (docs/kernel.md, "Steering"); :func:`parse_message`
+    keeps only the bits the loop dispatches on. Never raises.
+    """
+    if off < 0 or end > len(buf) or end - off < 20:
+        return 0
+    mend = off + min(NLMSGHDR.unpack_from(buf, off)[0], end - off)
+    a = off + 20
+    while a + 4 <= mend:
+        alen, atype = NLATTR.unpack_from(buf, a)
+        if alen < 4 or alen > mend - a:
+            return 0
+        if atype & 0x3FFF == NFQA_MARK and alen >= 8:
+            mark: int = _BE32.unpack_from(buf, a + 4)[0]
+            return mark
+        a += (alen + 3) & -4
+    return 0
 
 
 def parse(buf: bytes | bytearray | memoryview, off: int, end: int) -> Message:
@@ -316,10 +345,13 @@ def pack_mangled_header_into(
     packet_id: int,
     payload_len: int,
     mark: int | None = None,
+    verdict: int = Verdict.ACCEPT,
 ) -> int:
-    """Header of an accept verdict carrying a new payload (and mark); return its size.
+    """Header of a verdict carrying a new payload (and mark); return its size.
 
-    Writes nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR (NF_ACCEPT), NFQA_MARK when
+    ``verdict`` is NF_ACCEPT unless given (a re-queue passes
+    :func:`gateway.adapters.kernel.requeue_verdict`). Writes nlmsghdr,
+    nfgenmsg, NFQA_VERDICT_HDR, NFQA_MARK when
     ``mark`` is given, and the NFQA_PAYLOAD attribute header at ``buf[off:]``:
     36 or 44 bytes. ``payload_len`` bytes of payload must follow, then
     padding to 4 bytes. When ``off + size`` is where the payload already
@@ -327,7 +359,7 @@ def pack_mangled_header_into(
     back without copying it).
     """
     qbe = socket.htons(queue)
-    acc = _htonl(Verdict.ACCEPT)
+    acc = _htonl(verdict)
     if mark is None:
         V_MANGLE.pack_into(
             buf, off, 36 + payload_len, T_VERDICT, NLM_F_REQUEST, packet_id, 0, _AF_UNSPEC, 0,

@@ -166,9 +166,38 @@ class VerdictWriter:
                 segs.append(ring[h : (poff + plen + 3) & -4])
                 self.pend += plen
                 return
-        self._mangled_fallback(pid, poff, plen, marked)
+        self._mangled_fallback(pid, poff, plen, self.mark if marked else None)
 
-    def _mangled_fallback(self, pid: int, poff: int, plen: int, marked: bool) -> None:
+    def requeue(self, pid: int, moff: int, poff: int, plen: int, verdict: int, mark: int) -> None:
+        """Hand the packet at ``ring[poff:poff + plen]`` (message at ``moff``) on,
+        with its payload as rewritten so far and the mark ``mark``.
+
+        ``verdict`` is ``NF_QUEUE`` with the target queue in its upper bits
+        (:func:`gateway.adapters.kernel.requeue_verdict`), host order. The
+        message is laid out like a marked :meth:`mangled` one, in place. Only
+        for packets a worker does not own (docs/kernel.md, "Steering"), so it
+        is written for clarity rather than per-packet speed.
+        """
+        segs = self.segs
+        if self.pend + plen > self.send_cap or len(segs) >= _IOV_LIMIT:
+            self.flush()
+            segs = self.segs
+        if self.in_run:
+            self._end_run()
+        if self.w > self.seg_start:
+            segs.append(self._out_mv[self.seg_start : self.w])
+            self.seg_start = self.w
+        h = poff - 44
+        if h < moff:
+            self._mangled_fallback(pid, poff, plen, mark, verdict)
+            return
+        pack_mangled_header_into(self._ring_mv, h, self.queue, pid, plen, mark, verdict)
+        segs.append(self._ring_mv[h : (poff + plen + 3) & -4])
+        self.pend += plen
+
+    def _mangled_fallback(
+        self, pid: int, poff: int, plen: int, mark: int | None, verdict: int = Verdict.ACCEPT
+    ) -> None:
         """Header in ``out``, payload as its own iovec, then padding.
 
         For a well-formed message with too little room in front of its
@@ -177,7 +206,7 @@ class VerdictWriter:
         if self.w > _OUT_LIMIT:
             self.flush()
         w = self.w
-        size = pack_mangled_header_into(self._out, w, self.queue, pid, plen, self.mark if marked else None)
+        size = pack_mangled_header_into(self._out, w, self.queue, pid, plen, mark, verdict)
         segs = self.segs
         segs.append(self._out_mv[w : w + size])
         segs.append(self._ring_mv[poff : poff + plen])
