@@ -20,8 +20,9 @@ How each kind of row merges, and why:
   worker with none of the address's backends reports none);
 - **flows** are concatenated, each row saying its ``worker``;
 - **security rule hits** add up per rule, denials per backend and rule;
-- a **reload** summary is the largest count any worker reports (every
-  worker applies the same model) with each worker's own summary alongside.
+- a **reload** summary adds up backends and flows (each worker places its
+  own) and takes the largest of the other counts (every worker applies the
+  same model), with each worker's own summary alongside.
 """
 
 from __future__ import annotations
@@ -210,11 +211,19 @@ def latency(parts: Sequence[tuple[Sequence[int], float]]) -> tuple[list[int], fl
     return counts, total
 
 
+#: Reload counts of what each worker holds alone (its own backends and flows): added up.
+_OWN = frozenset({"backends_added", "backends_removed", "flows_ended"})
+
+
 def reload_summary(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """A reload's counts for the gateway: the largest any worker reports (they apply the
-    same model), each worker's own summary under ``workers``."""
+    """A reload's counts for the gateway: backends and flows added up (each worker places
+    only its own), the rest (addresses, tier changes: every worker applies the same
+    model) the largest any worker reports; each worker's own summary under ``workers``."""
+    out: dict[str, Any] = dict(parts[0]) if parts else {}
     keys = dict.fromkeys(k for p in parts for k, v in p.items() if isinstance(v, int))
-    out: dict[str, Any] = {k: max(int(p.get(k, 0)) for p in parts) for k in keys}
+    for k in keys:
+        values = [int(p.get(k, 0)) for p in parts]
+        out[k] = sum(values) if k in _OWN else max(values)
     out["workers"] = [dict(p) for p in parts]
     return out
 

@@ -64,6 +64,10 @@ def flows(rows: list[dict[str, Any]]) -> str:
         "PKTS-IN",
         "BYTES-IN",
     ]
+    if rows and "worker" in rows[0]:  # several workers: each flow says whose table holds it
+        head.append("WORKER")
+        tagged: list[tuple[Any, ...]] = [(*o, r["worker"]) for o, r in zip(out, rows, strict=True)]
+        return table(head, tagged) + f"\n{len(rows)} flows"
     return table(head, out) + f"\n{len(rows)} flows"
 
 
@@ -233,7 +237,21 @@ def status(s: dict[str, Any]) -> str:
         ]
     if s.get("health"):
         lines += ["", health(s["health"])]
+    if isinstance(s.get("workers"), list):
+        lines += ["", workers(s["workers"])]
     return "\n".join(lines)
+
+
+def workers(rows: list[dict[str, Any]]) -> str:
+    """The worker processes of ``status`` (README, "Workers")."""
+    return table(
+        ("WORKER", "PID", "ALIVE", "QUEUES", "FLOWS", "PACKETS"),
+        [
+            (w["index"], w["pid"], "yes" if w["alive"] else "NO", ",".join(map(str, w["queues"])),
+             w["flows"], w.get("packets", "-"))
+            for w in rows
+        ],
+    )  # fmt: skip
 
 
 def health(rows: list[dict[str, Any]]) -> str:

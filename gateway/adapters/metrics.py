@@ -4,7 +4,9 @@ Names follow what cloud NAT users already chart (SNAT connection count by
 state, allocated and used SNAT ports per backend); the README lists them
 all. Nothing is updated per packet: on each scrape the collector asks the
 packet loop for one snapshot (:meth:`PacketLoop.call`) and turns it into
-metric families in the HTTP server's thread.
+metric families in the HTTP server's thread. With several workers the
+snapshot is every worker's, merged by the supervisor (:mod:`gateway.merge`),
+plus ``per_worker`` rows for the ``snatgw_worker_*`` families.
 """
 
 from __future__ import annotations
@@ -162,6 +164,13 @@ class GatewayCollector:
         yield family(C, "snatgw_config_reloads", "Configuration reloads, by result", ["result"],
                      by_key(snap["reloads"]))
         yield G("snatgw_start_time_seconds", "When the gateway started (Unix time)", value=snap["started"])
+        workers = snap.get("per_worker")
+        if workers is not None:  # several workers (README, "Workers"); everything above is their sum
+            yield G("snatgw_workers", "Worker processes", value=len(workers))
+            yield family(G, "snatgw_worker_flows", "Live flows of each worker", ["worker"],
+                         (([str(w["worker"])], w["flows"]) for w in workers))
+            yield family(C, "snatgw_worker_packets", "Packets each worker translated (both directions)",
+                         ["worker"], (([str(w["worker"])], w["packets"]) for w in workers))
 
     @staticmethod
     def _latency(latency: tuple[list[int], float]) -> Metric:

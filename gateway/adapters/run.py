@@ -378,7 +378,12 @@ def run(
     metrics: tuple[str, int] | None = None,
     control_socket: str | None = None,
 ) -> int:
-    """Run the gateway in this network namespace until SIGINT or SIGTERM."""
+    """Run the gateway in this network namespace until SIGINT or SIGTERM: one process
+    with ``workers = 1``, else a supervisor and its workers (README, "Workers")."""
     for name in (cfg.inside, cfg.outside):
         system.interface_index(name)
+    if cfg.workers > 1:
+        from gateway.adapters.supervisor import Supervisor
+
+        return Supervisor(cfg, log, metrics, control_socket).run()
     return Gateway(cfg, log, metrics, control_socket).run()

@@ -48,6 +48,28 @@ def state_path(configured: str | None) -> Path | None:
     return Path(directory) / DEFAULT_NAME if directory else None
 
 
+def worker_path(path: Path | None, index: int, count: int) -> Path | None:
+    """Worker ``index`` of ``count``'s own state file: the state path with a suffix naming
+    both (docs/decisions.md, "Workers: processes and the supervisor"). Its flows hold ports
+    of that worker's slice only, so a file written with another worker count is not read."""
+    if path is None:
+        return None
+    return path.with_name(f"{path.name}.worker{index}of{count}")
+
+
+def foreign_files(path: Path | None, count: int) -> list[Path]:
+    """State files next to ``path`` written with a worker count other than ``count``
+    (the plain file is one gateway's, ``.workerIofN`` an N-worker gateway's): ignored at
+    start, and said so."""
+    if path is None or not path.parent.is_dir():
+        return []
+    mine = {worker_path(path, i, count) for i in range(count)} if count > 1 else {path}
+    found = [p for p in path.parent.glob(f"{path.name}.worker*of*") if p not in mine]
+    if count > 1 and path.exists():
+        found.append(path)
+    return sorted(found)
+
+
 def write_atomic(path: Path, chunks: Iterable[bytes], pause: float = 0.0) -> int:
     """Write ``chunks`` to ``path`` atomically (temp file, fsync, rename); returns the size.
     ``pause``: seconds to sleep after each chunk (the periodic save leaves the

@@ -167,11 +167,12 @@ def test_security_and_latency_add_up() -> None:
 
 
 def test_reload_summary_largest_with_each() -> None:
-    """A reload's counts are the largest any worker reports, each worker's alongside."""
+    """A reload adds up backends (each worker places its own), takes the largest of the
+    other counts, and keeps each worker's summary."""
     s = merge.reload_summary(
         [{"backends_added": 2, "tier_changes": 0}, {"backends_added": 1, "tier_changes": 1}]
     )
-    assert (s["backends_added"], s["tier_changes"]) == (2, 1)
+    assert (s["backends_added"], s["tier_changes"]) == (3, 1)
     assert len(s["workers"]) == 2
 
 

@@ -1,0 +1,547 @@
+"""``snatgw run`` with N > 1 workers: the supervisor (README, "Workers";
+docs/decisions.md, "Workers: processes and the supervisor").
+
+The supervisor forks N worker processes (:mod:`gateway.adapters.worker`)
+right after the configuration is loaded, before any thread exists, and
+waits until each says its queues are bound. Only then does it do what is
+system-wide, in the order of a single gateway (:mod:`gateway.adapters.run`):
+sysctls, the steering rules (``iptables.apply(..., workers=N, owners=...)``),
+the public addresses, forwarding, the metrics endpoint and the control
+socket, and ``gateway_ready``. Afterwards its main thread only waits, on
+the workers' process sentinels and a signal wake-up socket:
+
+- a worker that exits unasked: ``worker_died``, the addresses go and the
+  guard goes in (fail closed), the other workers are stopped, forwarding
+  and sysctls go back, exit 1;
+- SIGTERM/SIGINT: every worker is told to stop (each saves its state), then
+  the cleanup of a normal stop, exit 0;
+- SIGHUP (and ``snatgw reload``): :meth:`Supervisor.reload`.
+
+Every control command and every metrics scrape fans out to the workers over
+their pipes and is merged (:mod:`gateway.merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from structlog.typing import FilteringBoundLogger
+
+from gateway import merge
+from gateway.adapters import iptables, system
+from gateway.adapters.control import ControlServer, RequestError
+from gateway.adapters.run import _PROTOS, STATE_DIR, _cidrs, _ip_arg, host_defaults
+from gateway.adapters.statefile import foreign_files, state_path
+from gateway.adapters.worker import main as worker_main
+from gateway.adapters.worker import queues_of
+from gateway.config import ConfigError, GatewayConfig, load
+from gateway.core.address import ip_str
+from gateway.core.errors import ModelError
+from gateway.core.shard import Shard, backend_owner
+from gateway.core.table import TranslationTable
+
+#: How long the workers may take to build their tables and bind their queues.
+READY_TIMEOUT = 120.0
+#: How long a worker may take to stop and save its state before it is killed.
+STOP_TIMEOUT = 15.0
+#: How long one request to a worker may take.
+ASK_TIMEOUT = 20.0
+
+
+class WorkerGone(Exception):
+    """The worker's pipe closed (it exited) before it answered."""
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    """The supervisor's side of one worker: its process, its pipe and the requests in
+    flight on it (answered by id, so a late answer never reaches the wrong caller)."""
+
+    index: int
+    process: BaseProcess
+    conn: Connection
+    pid: int = 0
+    queues: list[int] = field(default_factory=list)
+    final: dict[str, Any] | None = None
+    _pending: dict[int, list[Any]] = field(default_factory=dict)
+    _next: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _gone: bool = False
+    #: Set once the pipe reached EOF (after the worker's last message, ``stopped``).
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    def start_reader(self) -> None:
+        threading.Thread(target=self._read, name=f"snatgw-pipe-{self.index}", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "stopped":
+                self.final = msg[1]
+                continue
+            req_id, ok, value = msg
+            with self._lock:
+                waiter = self._pending.pop(req_id, None)
+            if waiter is not None:
+                waiter[1:] = [ok, value]
+                waiter[0].set()
+        with self._lock:
+            self._gone = True
+            for waiter in self._pending.values():
+                waiter[0].set()
+            self._pending.clear()
+        self.closed.set()
+
+    def send(self, command: str, args: dict[str, Any] | None = None) -> list[Any]:
+        """Send one request; returns its waiter (event, ok, value)."""
+        waiter: list[Any] = [threading.Event(), False, f"worker {self.index} is gone"]
+        with self._lock:
+            if self._gone:
+                waiter[0].set()
+                return waiter
+            self._next += 1
+            req_id = self._next
+            self._pending[req_id] = waiter
+            try:
+                self.conn.send((req_id, command, args or {}))
+            except (OSError, ValueError):
+                self._pending.pop(req_id, None)
+                waiter[0].set()
+        return waiter
+
+    def result(self, waiter: list[Any], timeout: float = ASK_TIMEOUT) -> Any:
+        if not waiter[0].wait(timeout):
+            raise TimeoutError(f"worker {self.index} did not answer")
+        if not waiter[1]:
+            raise RequestError(f"worker {self.index}: {waiter[2]}")
+        return waiter[2]
+
+
+def _signal_name(code: int | None) -> dict[str, Any]:
+    if code is not None and code < 0:
+        try:
+            return {"signal": signal.Signals(-code).name}
+        except ValueError:
+            return {"signal": -code}
+    return {"exit_code": code}
+
+
+class Supervisor:
+    """N workers and everything system-wide around them."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        log: FilteringBoundLogger,
+        metrics: tuple[str, int] | None = None,
+        control_socket: str | None = None,
+    ) -> None:
+        self.control_override = control_socket
+        cfg = host_defaults(self._overridden(cfg))
+        self.cfg = cfg
+        self.count = cfg.workers
+        self.log = log
+        self.metrics = metrics if metrics is not None else cfg.metrics
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.reloads = {"applied": 0, "rejected": 0}
+        self.control: ControlServer | None = None
+        self.publics = list(cfg.model.public_addresses())
+        self.tcp_queue = cfg.queue + 1
+        self.workers: list[WorkerHandle] = []
+        self.stopping = False
+        self.hup = False
+        self._reload_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _overridden(self, cfg: GatewayConfig) -> GatewayConfig:
+        if self.control_override is None:
+            return cfg
+        return replace(cfg, control_socket=self.control_override)
+
+    def owners(self, cfg: GatewayConfig) -> dict[int, int]:
+        """Instance public address -> the worker that owns its backend (all its traffic goes there)."""
+        return {i.public: backend_owner(i.private, self.count) for i in cfg.model.instance_ips}
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _on_hup(self, *_: Any) -> None:
+        self.hup = True
+
+    # ------------------------------------------------------------------ workers
+
+    def _fork(self) -> None:
+        """Fork the workers (no thread runs yet, so the children inherit a quiet process)."""
+        ctx = multiprocessing.get_context("fork")
+        parent = os.getpid()
+        for i in range(self.count):
+            mine, theirs = ctx.Pipe(duplex=True)
+            inherited = [h.conn for h in self.workers] + [self._wake_r, self._wake_w]
+            proc = ctx.Process(
+                target=_child, name=f"snatgw-worker-{i}", daemon=True,
+                args=(self.cfg, i, self.count, theirs, inherited, self.log, parent),
+            )  # fmt: skip
+            sys.stdout.flush()
+            sys.stderr.flush()
+            proc.start()
+            theirs.close()
+            self.workers.append(WorkerHandle(i, proc, mine, pid=proc.pid or 0))
+
+    def _await_ready(self) -> None:
+        """Each worker's ready message; RuntimeError when one fails, dies or takes too long."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = {h.conn: h for h in self.workers}
+        while waiting:
+            if self.stopping:
+                raise RuntimeError("stopped while the workers were starting")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"workers {sorted(h.index for h in waiting.values())} not ready "
+                                   f"within {READY_TIMEOUT:g} s")  # fmt: skip
+            sentinels = {h.process.sentinel: h for h in waiting.values()}
+            for obj in wait([*waiting, *sentinels, self._wake_r], min(left, 0.5)):
+                if obj is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                h = waiting.get(obj) if isinstance(obj, Connection) else sentinels.get(obj)  # type: ignore[arg-type]
+                if h is None or h.conn not in waiting:
+                    continue
+                try:
+                    kind, info = h.conn.recv()
+                except (EOFError, OSError):
+                    h.process.join(1)
+                    raise RuntimeError(f"worker {h.index} exited while starting "
+                                       f"({_signal_name(h.process.exitcode)})") from None  # fmt: skip
+                if kind != "ready":
+                    raise RuntimeError(f"worker {h.index}: {info.get('error')}")
+                h.pid, h.queues = info["pid"], info["queues"]
+                del waiting[h.conn]
+        for h in self.workers:
+            h.start_reader()
+
+    def ask_all(self, command: str, args: dict[str, Any] | None = None) -> list[Any]:
+        """Every worker's answer to one request, asked of all at once."""
+        waiters = [(h, h.send(command, args)) for h in self.workers]
+        return [h.result(w) for h, w in waiters]
+
+    def _stop_workers(self) -> None:
+        """Tell each live worker to stop (it saves its state), kill it after the bound."""
+        for h in self.workers:
+            if h.process.is_alive():
+                h.send("stop")
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for h in self.workers:
+            h.process.join(max(0.0, deadline - time.monotonic()))
+            if h.process.is_alive():
+                self.log.error("worker_killed", worker=h.index, pid=h.pid,
+                               problem=f"did not stop within {STOP_TIMEOUT:g} s")  # fmt: skip
+                h.process.kill()
+                h.process.join(5)
+            h.closed.wait(2)  # its last message (final counters) read before its pipe's EOF
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Start the workers, set the host up, serve until a stop or a worker's death."""
+        cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
+        for path in foreign_files(state_path(cfg.state_file), self.count):
+            self.log.info("state_ignored", path=str(path), workers=self.count,
+                          reason="written by a gateway with another worker count")  # fmt: skip
+        died: WorkerHandle | None = None
+        stop_metrics = None
+        control = None
+        set_up = False
+        try:
+            self._fork()
+            self._await_ready()
+            control = self.control = ControlServer(
+                cfg.control_socket, self.handle_request, cfg.control_group, cfg.control_mode,
+                cfg.control_max_clients,
+            )  # fmt: skip
+            set_up = True
+            system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
+            if system.strict_rp_filter(cfg.inside):
+                self.log.warning(
+                    "hairpin_blocked_by_rp_filter", interface=cfg.inside,
+                    problem="strict reverse-path filtering (rp_filter 1) drops hairpinned packets; "
+                    "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
+                )  # fmt: skip
+            iptables.apply(
+                cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue,
+                probes=bool(cfg.model.probes), workers=self.count, owners=self.owners(cfg),
+            )  # fmt: skip
+            system.add_addresses(cfg.outside, self.publics)
+            system.enable_forwarding(STATE_DIR)
+            if self.metrics is not None:
+                from gateway.adapters.metrics import serve
+
+                stop_metrics = serve(*self.metrics, self.metrics_snapshot)
+            control.start()
+            self.log.info("gateway_ready", **self.describe())
+            self._check_probe_source(cfg)
+            self.ask_all("start")
+            died = self._watch()
+        finally:
+            if died is None and not self.stopping:
+                died = next((h for h in self.workers if h.pid and not h.process.is_alive()), None)
+                if died is not None:  # it died while the rest was being set up
+                    self.log.error("worker_died", worker=died.index, pid=died.pid,
+                                   **_signal_name(died.process.exitcode))  # fmt: skip
+            if died is not None:
+                # Fail closed at once: no public address is local while nothing queues it,
+                # then the guard replaces every rule (docs/kernel.md, "Guard").
+                system.remove_addresses(cfg.outside, self.publics)
+                guarded = iptables.guard(cfg.inside, cfg.outside)
+                self.log.error("gateway_failed_closed", worker=died.index, guard=guarded)
+            self._stop_workers()
+            if set_up:
+                if died is None:
+                    system.remove_addresses(cfg.outside, self.publics)
+                if died is None and self.cfg.stopped == "remove":
+                    system.restore_forwarding(STATE_DIR)
+                    iptables.remove()
+                else:
+                    if died is None:
+                        iptables.guard(cfg.inside, cfg.outside)
+                    system.restore_forwarding(STATE_DIR)
+                system.restore_sysctls(STATE_DIR)
+            if control is not None:
+                control.close()
+            if stop_metrics is not None:
+                stop_metrics()
+            signal.set_wakeup_fd(old_wakeup)
+        counters = merge.stats([{"counters": h.final["counters"]} for h in self.workers if h.final])
+        flows = sum(h.final["flows"] for h in self.workers if h.final)
+        self.log.info("gateway_stopped", counters=counters.get("counters", {}), flows=flows,
+                      workers=self.count, failed=died is not None)  # fmt: skip
+        return 1 if died is not None else 0
+
+    def _watch(self) -> WorkerHandle | None:
+        """Wait for a stop, a reload or a worker's death; the dead worker, or None."""
+        sentinels = {h.process.sentinel: h for h in self.workers}
+        while not self.stopping:
+            ready = wait([*sentinels, self._wake_r], 0.5)
+            for obj in ready:
+                if obj is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                h = sentinels[obj]  # type: ignore[index]
+                h.process.join(1)
+                if self.stopping:
+                    return None
+                self.log.error("worker_died", worker=h.index, pid=h.pid, **_signal_name(h.process.exitcode))
+                return h
+            if self.hup:
+                self.hup = False
+                self.reload("sighup")
+        return None
+
+    def _check_probe_source(self, cfg: GatewayConfig) -> None:
+        source = cfg.model.probe_source
+        if not cfg.model.probes or not source:
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((ip_str(source), 0))
+            except OSError as e:
+                self.log.warning(
+                    "probe_source_unusable", probe_source=ip_str(source),
+                    problem=f"cannot bind a probe socket to it ({e.strerror}); every probe will fail",
+                )  # fmt: skip
+
+    def describe(self, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        if status is None:
+            status = merge.status(self.ask_all("status"))
+        return {
+            "config": cfg.path,
+            "queue": cfg.queue,
+            "tcp_queue": self.tcp_queue,
+            "queue_client": cfg.queue_client,
+            "inside": cfg.inside,
+            "outside": cfg.outside,
+            "public_ips": [ip_str(a) for a in self.publics],
+            "pools": {p["pool"]: {k: v for k, v in p.items() if k != "pool"} for p in status["pools"]},
+            "idle_timeout": cfg.model.timeouts.idle,
+            "address_space": [str(n) for span in cfg.model.address_space for n in _cidrs(span)],
+            "probe_source": ip_str(cfg.model.probe_source) if cfg.model.probe_source else None,
+            "inbound_default": "allow" if cfg.model.inbound_default_allow else "deny",
+            "control_socket": cfg.control_socket,
+            "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else None,
+            "workers": self.count,
+            "worker_pids": [h.pid for h in self.workers],
+        }
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Re-read the config, validate it for every worker's shard, swap the rules, then
+        hand the new model to every worker; or reject it and keep the old one."""
+        with self._reload_lock:
+            return self._reload(source)
+
+    def _reload(self, source: str) -> dict[str, Any]:
+        cfg = self.cfg
+        began = time.monotonic()
+        try:
+            new = self._overridden(load(cfg.path))
+        except ConfigError as e:
+            return self._reject(source, e.key, e.problem)
+        restart = cfg.restart_keys(new)
+        if restart:
+            return self._reject(source, restart[0], "changing it needs a restart (the old value stays)")
+        for key, name in (("gateway.inside", new.inside), ("gateway.outside", new.outside)):
+            try:
+                system.interface_index(name)
+            except LookupError as e:
+                return self._reject(source, key, str(e))
+        new = host_defaults(new)
+        try:  # a throwaway table per shard: refused before anything is touched
+            for i in range(self.count):
+                TranslationTable(new.model, time.monotonic(), shard=Shard(i, self.count))
+        except ModelError as e:
+            return self._reject(source, e.key, e.problem)
+        publics = list(new.model.public_addresses())
+        added = [p for p in publics if p not in self.publics]
+        gone = [p for p in self.publics if p not in publics]
+        try:
+            system.remove_addresses(cfg.outside, gone)
+            jumps = iptables.apply(
+                cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue,
+                probes=bool(new.model.probes), workers=self.count, owners=self.owners(new),
+            )  # fmt: skip
+            summaries = self.ask_all("reconfigure", {"config": new})
+            system.add_addresses(cfg.outside, added)
+        except (OSError, RuntimeError, ModelError, TimeoutError) as e:
+            iptables.apply(
+                cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue,
+                probes=bool(cfg.model.probes), workers=self.count, owners=self.owners(cfg),
+            )  # fmt: skip
+            with contextlib.suppress(Exception):  # back to the old model where the new one went
+                self.ask_all("reconfigure", {"config": cfg})
+            system.remove_addresses(cfg.outside, added)
+            system.add_addresses(cfg.outside, gone)
+            return self._reject(source, "(system)", str(e))
+        self._check_probe_source(new)
+        self.cfg = new
+        self.publics = publics
+        self.reloads["applied"] += 1
+        fields = {"config": new.path, "source": source, **merge.reload_summary(summaries)}
+        fields["public_ips_added"] = [ip_str(p) for p in added]
+        fields["public_ips_removed"] = [ip_str(p) for p in gone]
+        fields["rule_jumps_restored"] = jumps
+        fields["took_ms"] = round((time.monotonic() - began) * 1000, 1)
+        self.log.info("config_reloaded", **fields)
+        return {"applied": True, **fields}
+
+    def _reject(self, source: str, key: str, problem: str) -> dict[str, Any]:
+        self.reloads["rejected"] += 1
+        fields = {"config": self.cfg.path, "source": source, "key": key, "problem": problem}
+        self.log.error("config_rejected", **fields)
+        return {"applied": False, **fields}
+
+    # ------------------------------------------------------------------ operator's view
+
+    def handle_request(self, request: dict[str, Any]) -> Any:
+        """One control-socket request, fanned out to every worker and merged."""
+        cmd = request["command"]
+        if cmd == "reload":
+            return self.reload("control")
+        if cmd == "status":
+            return self._status()
+        if cmd == "stats":
+            return merge.stats(self.ask_all("stats"))
+        backend = _ip_arg(request, "backend") if cmd in ("flows", "ports", "rules") else None
+        if cmd == "flows":
+            return merge.flows(self.ask_all("flows", {"backend": backend, "proto": _proto(request)}))
+        if cmd == "ports":
+            top = request.get("top", 3)
+            if not isinstance(top, int) or not 0 <= top <= 100:
+                raise RequestError("top: must be an integer from 0 to 100")
+            return merge.ports(self.ask_all("ports", {"backend": backend, "top": top}))
+        if cmd == "rules":
+            return merge.rules(self.ask_all("rules", {"backend": backend}))
+        if cmd == "who":
+            public = _ip_arg(request, "public_ip")
+            port = request.get("port")
+            if public is None or type(port) is not int or not 0 <= port <= 65535:
+                raise RequestError("who: needs public_ip and a port from 0 to 65535")
+            args = {"public_ip": public, "port": port, "proto": _proto(request)}
+            return merge.who(self.ask_all("who", args))
+        raise RequestError(f"unknown command {cmd!r}")
+
+    def _status(self) -> dict[str, Any]:
+        parts = self.ask_all("status")
+        merged = merge.status(parts)
+        now = time.monotonic()
+        workers = [
+            {"index": h.index, "pid": h.pid, "alive": h.process.is_alive(), "flows": p["flows"],
+             "queues": h.queues or queues_of(self.cfg, h.index),
+             "packets": p["counters"].get("in2out_translated", 0) + p["counters"].get("out2in_translated", 0)}
+            for h, p in zip(self.workers, parts, strict=True)
+        ]  # fmt: skip
+        return {
+            **self.describe(merged),
+            **merged,
+            "uptime": round(now - self.started, 3),
+            "started": self.started_wall,
+            "reloads": dict(self.reloads),
+            "control": self.control.stats() if self.control is not None else None,
+            "workers": workers,
+            "worker_count": self.count,
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """One scrape: every worker's snapshot, merged, with the supervisor's own figures."""
+        snap = merge.metrics(self.ask_all("metrics"))
+        snap["reloads"] = dict(self.reloads)
+        snap["started"] = self.started_wall
+        return snap
+
+
+def _proto(request: dict[str, Any]) -> int | None:
+    name = request.get("proto")
+    if name is None:
+        return None
+    proto = _PROTOS.get(name)
+    if proto is None:
+        raise RequestError(f"proto: {name!r} is not one of tcp, udp, icmp")
+    return proto
+
+
+def _child(
+    cfg: GatewayConfig,
+    index: int,
+    count: int,
+    conn: Connection,
+    inherited: list[Any],
+    log: FilteringBoundLogger,
+    parent: int,
+) -> None:
+    """The forked worker: its exit code is the worker's."""
+    sys.exit(worker_main(cfg, index, count, conn, inherited, log, parent))
