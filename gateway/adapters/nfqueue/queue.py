@@ -22,16 +22,18 @@ import errno
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from gateway.adapters.kernel import Mark
+from gateway.adapters.kernel import Mark, requeue_verdict
 from gateway.adapters.nfqueue.codec import (
     Kind,
     error_seq,
     pack_bind,
     pack_unbind,
     pack_verdict,
+    packet_mark,
     parse,
+    parse_message,
 )
 from gateway.adapters.nfqueue.shapes import ShapeCache
 from gateway.adapters.nfqueue.verdicts import BE_ACCEPT, BE_DROP, VerdictWriter
@@ -85,7 +87,13 @@ class NetlinkQueue:
     unusable or truncated messages, packets that arrived while binding),
     ``truncated`` (of those, packets longer than copy_range), ``enobufs``
     (socket overruns: the kernel lost packet messages; those packets were
-    dropped by the kernel).
+    dropped by the kernel), ``misrouted`` (REQUEUE verdicts not followed:
+    the packet had been handed on once already, or names no worker; dropped).
+
+    Re-queue (several workers, docs/kernel.md "Steering"): a handler result
+    ``Verdict.REQUEUE + k`` hands the packet, with its payload as rewritten
+    and its mark plus ``Mark.REQUEUED``, to queue ``requeue_to[k]`` (worker
+    k's queue of the same kind as this one) with an ``NF_QUEUE`` verdict.
     """
 
     _sock: socket.socket | None
@@ -94,7 +102,9 @@ class NetlinkQueue:
     dropped: int
     truncated: int
     enobufs: int
+    misrouted: int
     queue_num: int
+    requeue_to: tuple[int, ...]
 
     def __init__(
         self,
@@ -105,8 +115,12 @@ class NetlinkQueue:
         copy_range: int = 0xFFFF,
         rcvbuf: int = 16 << 20,
         fail_open: bool = False,
+        requeue_to: Sequence[int] = (),
     ) -> None:
         """Open a netlink socket, bind it to ``queue_num`` and configure it.
+
+        ``requeue_to[k]`` is the queue a ``REQUEUE + k`` verdict hands a packet
+        to (empty with one worker: such a verdict drops the packet).
 
         One config message binds and configures (:func:`codec.pack_bind`).
         The PF_BIND/PF_UNBIND commands are no-ops since Linux 3.8 and are not
@@ -130,6 +144,7 @@ class NetlinkQueue:
             with contextlib.suppress(OSError):
                 sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
             self._attach(sock, queue_num)
+            self.requeue_to = tuple(requeue_to)
             self._seq += 1
             msg = pack_bind(queue_num, self._seq, copy_range=copy_range, max_len=max_len, gso=gso,
                             fail_open=fail_open)  # fmt: skip
@@ -155,6 +170,8 @@ class NetlinkQueue:
         self.dropped = 0
         self.truncated = 0
         self.enobufs = 0
+        self.misrouted = 0
+        self.requeue_to = ()
         self._ring = bytearray(_RING_SIZE)
         self._ring_mv = memoryview(self._ring)
         #: Packet messages parsed by their shape (shapes.py): 0.6 us instead of 1.2-1.8.
@@ -234,7 +251,8 @@ class NetlinkQueue:
         ``errors`` / ``dropped``); ENOBUFS from recv is counted in
         ``enobufs`` and the drain goes on. If the handler raises, its packet
         is dropped, the verdicts gathered so far are sent, and the exception
-        propagates. A handler result other than ACCEPT, ACCEPT_MODIFIED,
+        propagates. ``REQUEUE + k`` hands the packet to ``requeue_to[k]``
+        (see the class); any other result than ACCEPT, ACCEPT_MODIFIED,
         ACCEPT_MODIFIED_MARK drops the packet.
 
         Verdicts, in packet order:
@@ -304,6 +322,8 @@ class NetlinkQueue:
                         keep = True
                     elif r == 1 and wr.in_run:
                         wr.run_last = pid
+                    elif r > 3:  # Verdict.REQUEUE + k: a packet this worker does not own
+                        keep = self._requeue(pid, moff, off, hook, poff, plen, r) or keep
                     else:
                         wr.verdict(pid, acc if r == 1 else drp)
                 elif kind is error:
@@ -325,6 +345,22 @@ class NetlinkQueue:
                 roff = (end + 7) & -8
         wr.flush()
         return handled
+
+    def _requeue(self, pid: int, moff: int, mend: int, hook: int, poff: int, plen: int, r: int) -> bool:
+        """Hand packet ``pid`` to worker ``r - REQUEUE``'s queue; True when its verdict
+        uses the ring (the payload goes with it), False when it was dropped instead.
+
+        Never twice: a packet that already carries ``Mark.REQUEUED`` (``Hook.REQUEUED``
+        in its hook) is dropped, as is one naming no worker (fail closed).
+        """
+        k = r - Verdict.REQUEUE
+        if hook & 0x200 or k >= len(self.requeue_to):  # Hook.REQUEUED
+            self.misrouted += 1
+            self._writer.verdict(pid, BE_DROP)
+            return False
+        mark = packet_mark(self._ring, moff, mend) | Mark.REQUEUED
+        self._writer.requeue(pid, moff, poff, plen, requeue_verdict(self.requeue_to[k]), mark)
+        return True
 
     def close(self) -> None:
         """Unbind the queue and close the socket; idempotent.
