@@ -33,7 +33,6 @@ from gateway.adapters.nfqueue.codec import (
     pack_verdict,
     packet_mark,
     parse,
-    parse_message,
 )
 from gateway.adapters.nfqueue.shapes import ShapeCache
 from gateway.adapters.nfqueue.verdicts import BE_ACCEPT, BE_DROP, VerdictWriter
