@@ -10,7 +10,6 @@ this one module because each refers to the other.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
@@ -114,7 +113,11 @@ class Backend:
     address: PublicAddress
     block: PortBlock | None
     pool: str = ""
-    flows: set[Flow] = field(default_factory=set)
+    #: The backend's flows, oldest first, as a list cleaned lazily (docs/decisions.md,
+    #: "Compact flows"): an ended flow stays until :meth:`compact` (run by ``end_flow``
+    #: once ended ones pass a quarter of the live ones); ``flow_count`` is the live ones.
+    flow_list: list[Flow] = field(default_factory=list)
+    flow_count: int = 0
     #: Flows created, and new flows that failed for want of a port (the
     #: "attempted" and "failed" SNAT connection counts are created + exhausted
     #: and exhausted).
@@ -126,9 +129,21 @@ class Backend:
     #: A standalone backend without flows: when its last flow ended (it gives its
     #: block back ``idle_timeout`` after that).
     vacant_since: float | None = None
-    #: Flow caps (docs/decisions.md, "Flow caps"): flows not yet seen replied,
-    #: oldest first (cleaned lazily: the early drop skips replied ones), new
-    #: flows refused at a cap, and the rate limit of ``flow_limit_reached``.
-    unreplied: OrderedDict[Flow, None] = field(default_factory=OrderedDict)
+    #: Flow caps (docs/decisions.md, "Flow caps"): where in ``flow_list`` the early
+    #: drop looks next for the oldest flow without a reply (every live flow before it
+    #: was seen replied, and a reply is never taken back), new flows refused at a
+    #: cap, and the rate limit of ``flow_limit_reached``.
+    drop_from: int = 0
     refused: int = 0
     refused_events: EventGate = field(default_factory=EventGate)
+
+    @property
+    def flows(self) -> list[Flow]:
+        """The live flows, oldest first (a new list: O(flows of this backend))."""
+        return [f for f in self.flow_list if f.live]
+
+    def compact(self) -> None:
+        """Drop ended flows from ``flow_list``, keeping ``drop_from`` on the same flow."""
+        lst = self.flow_list
+        self.drop_from = sum(1 for f in lst[: self.drop_from] if f.live)
+        self.flow_list = [f for f in lst if f.live]

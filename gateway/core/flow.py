@@ -14,11 +14,10 @@ key** how an out2in packet does.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Any
 
-from gateway.core.block import PortBlock
+from gateway.core.block import PORT_BYTES, PortBlock
 from gateway.core.checksum import delta
 from gateway.core.model import Proto, Timeouts
 
@@ -215,7 +214,19 @@ def first_state(flags: int) -> TcpState:
     return TcpState.SYN_SENT if flags & _SYN_ACK == TcpFlag.SYN else TcpState.ESTABLISHED
 
 
-@dataclass(slots=True, eq=False)
+#: Shared int objects for every 16-bit value (ports, checksum deltas, the packed
+#: small fields): a flow stores a reference to one of these instead of an int
+#: object of its own (28 bytes each above 256; docs/decisions.md, "Compact flows").
+INT16: tuple[int, ...] = tuple(range(1 << 16))
+
+# ``Flow._bits``: the small fields packed into one 16-bit number (always an INT16 object).
+_PROTO_CODE: dict[int, int] = {int(ICMP): 1, int(Proto.TCP): 2, int(Proto.UDP): 3}
+_PROTO_OF = (0, int(ICMP), int(Proto.TCP), int(Proto.UDP))
+_SCEN_SHIFT, _STATE_SHIFT, _FINS_SHIFT, _SCALE_SHIFT = 2, 4, 7, 9
+_INBOUND, _LIVE = 1 << 13, 1 << 14
+_STATE_MASK, _FINS_MASK, _SCALE_MASK = 7 << _STATE_SHIFT, 3 << _FINS_SHIFT, 15 << _SCALE_SHIFT
+
+
 class Flow:
     """One translation. The flow owns both keys; the table adds or removes both at once.
 
@@ -225,26 +236,29 @@ class Flow:
     public ip, remote port, public port). ``in2out_ip``/``in2out_l4`` and
     ``out2in_ip``/``out2in_l4`` are the RFC 1624 checksum deltas of each
     direction, computed once here instead of per packet.
+
+    Compact (docs/decisions.md, "Compact flows"): the slots the per-packet
+    paths read stay plain attributes; everything else is derived from the keys
+    (``backend``, ``public``, ``remote``, ``remote_port``, ``dest``, the port
+    bytes) or packed into ``_bits`` (protocol, scenario, TCP state, FINs seen,
+    direction, window shift, liveness) behind properties of the same names.
+    Ports and deltas are shared :data:`INT16` objects; ``public_b`` and
+    ``backend_b`` are shared per address by the table (``_add_flow``).
     """
 
-    proto: int
-    scenario: int
+    __slots__ = (
+        "inside_key", "outside_key", "backend_b", "public_b", "backend_port", "public_port", "block",
+        "in2out_ip", "in2out_l4", "out2in_ip", "out2in_l4", "created", "last_seen", "timeout",
+        "pkts_out", "pkts_in", "bytes_out", "bytes_in", "wheel_slot", "trk_ack", "trk_win", "trk_isn",
+        "decision", "idle", "_bits",
+    )  # fmt: skip
+
     inside_key: bytes
     outside_key: bytes
-    #: The three endpoints as numbers (for the views) and as the bytes the
-    #: per-packet path writes.
-    backend: int
-    backend_port: int
     backend_b: bytes
-    backend_port_b: bytes
-    public: int
-    public_port: int
     public_b: bytes
-    public_port_b: bytes
-    remote: int
-    remote_port: int
-    #: Remote ip and port: what the block counts ports per destination by.
-    dest: bytes
+    backend_port: int
+    public_port: int
     block: PortBlock | None
     in2out_ip: int
     in2out_l4: int
@@ -253,31 +267,183 @@ class Flow:
     created: float
     last_seen: float
     timeout: float
-    state: int = TcpState.ACTIVE
-    fins: int = 0
-    pkts_out: int = 0
-    pkts_in: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    wheel_slot: dict[Any, None] | None = None
-    wheel_tick: int = 0
+    pkts_out: int
+    pkts_in: int
+    bytes_out: int
+    bytes_in: int
+    #: The timer wheel's slot list holding the flow's current deadline (None: not armed).
+    wheel_slot: list[Any] | None
     #: TCP tracking, learnt only from the backend's own packets so nothing from
     #: the outside can move it (:func:`in_window`): the last acknowledgement
     #: number the backend sent, the largest window it advertised (unscaled),
-    #: its window shift (14 until its SYN is seen) and its SYN's sequence + 1.
-    trk_ack: int = UNKNOWN
-    trk_win: int = 0
-    trk_scale: int = MAX_WSCALE
-    trk_isn: int = UNKNOWN
-    #: Opened from the outside (an LB rule, an inbound NAT rule, an instance IP):
-    #: the remote started it and the flow takes no port from any block.
-    inbound: bool = False
+    #: its SYN's sequence + 1; its window shift is :attr:`trk_scale`.
+    trk_ack: int
+    trk_win: int
+    trk_isn: int
     #: The security verdict that admitted the flow (docs/model.md, "Security
     #: groups"): evaluated once, when the flow was made; None for a flow made
     #: before the table had a policy. Not saved: a restore evaluates it again.
-    decision: Decision | None = None
+    decision: Decision | None
     #: The flow's own idle timeout (an LB rule's ``idle_timeout``); 0: the table's.
-    idle: float = 0.0
+    idle: float
+    _bits: int
+
+    def __init__(
+        self,
+        *,
+        proto: int,
+        scenario: int,
+        inside_key: bytes,
+        outside_key: bytes,
+        backend_b: bytes,
+        backend_port: int,
+        public_b: bytes,
+        public_port: int,
+        block: PortBlock | None,
+        in2out_ip: int,
+        in2out_l4: int,
+        out2in_ip: int,
+        out2in_l4: int,
+        created: float,
+        last_seen: float,
+        timeout: float,
+        state: int = TcpState.ACTIVE,
+        fins: int = 0,
+        pkts_out: int = 0,
+        pkts_in: int = 0,
+        bytes_out: int = 0,
+        bytes_in: int = 0,
+        trk_ack: int = UNKNOWN,
+        trk_win: int = 0,
+        trk_scale: int = MAX_WSCALE,
+        trk_isn: int = UNKNOWN,
+        inbound: bool = False,
+        decision: Decision | None = None,
+        idle: float = 0.0,
+        **derived: object,
+    ) -> None:
+        """``derived``: the fields a state file also holds that are now read off the
+        keys (``backend``, ``public``, ``remote``, ``remote_port``, ``dest``, the port
+        bytes); restore checks them against the keys and passes them on, unused."""
+        self.inside_key = inside_key
+        self.outside_key = outside_key
+        self.backend_b = backend_b
+        self.public_b = public_b
+        self.backend_port = INT16[backend_port]
+        self.public_port = INT16[public_port]
+        self.block = block
+        self.in2out_ip = INT16[in2out_ip]
+        self.in2out_l4 = INT16[in2out_l4]
+        self.out2in_ip = INT16[out2in_ip]
+        self.out2in_l4 = INT16[out2in_l4]
+        self.created = created
+        self.last_seen = last_seen
+        self.timeout = timeout
+        self.pkts_out = pkts_out
+        self.pkts_in = pkts_in
+        self.bytes_out = bytes_out
+        self.bytes_in = bytes_in
+        self.wheel_slot = None
+        self.trk_ack = trk_ack
+        self.trk_win = trk_win
+        self.trk_isn = trk_isn
+        self.decision = decision
+        self.idle = idle
+        self._bits = INT16[
+            _PROTO_CODE[proto] | scenario << _SCEN_SHIFT | state << _STATE_SHIFT | fins << _FINS_SHIFT
+            | min(trk_scale, MAX_WSCALE) << _SCALE_SHIFT | (_INBOUND if inbound else 0)
+        ]  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"Flow(proto={self.proto}, backend={self.backend}:{self.backend_port}, "
+            f"public={self.public}:{self.public_port}, remote={self.remote}:{self.remote_port}, "
+            f"state={self.state})"
+        )
+
+    # The packed small fields.
+
+    @property
+    def proto(self) -> int:
+        return _PROTO_OF[self._bits & 3]
+
+    @property
+    def scenario(self) -> int:
+        return self._bits >> _SCEN_SHIFT & 3
+
+    @property
+    def state(self) -> int:
+        return self._bits >> _STATE_SHIFT & 7
+
+    @state.setter
+    def state(self, v: int) -> None:
+        self._bits = INT16[self._bits & ~_STATE_MASK | v << _STATE_SHIFT]
+
+    @property
+    def fins(self) -> int:
+        """``FIN_IN2OUT`` / ``FIN_OUT2IN`` bits: the FINs seen so far."""
+        return self._bits >> _FINS_SHIFT & 3
+
+    @fins.setter
+    def fins(self, v: int) -> None:
+        self._bits = INT16[self._bits & ~_FINS_MASK | v << _FINS_SHIFT]
+
+    @property
+    def trk_scale(self) -> int:
+        """The backend's window shift (14 until its SYN is seen)."""
+        return self._bits >> _SCALE_SHIFT & 15
+
+    @trk_scale.setter
+    def trk_scale(self, v: int) -> None:
+        self._bits = INT16[self._bits & ~_SCALE_MASK | min(v, MAX_WSCALE) << _SCALE_SHIFT]
+
+    @property
+    def inbound(self) -> bool:
+        """Opened from the outside (an LB rule, an inbound NAT rule, an instance IP):
+        the remote started it and the flow takes no port from any block."""
+        return bool(self._bits & _INBOUND)
+
+    @property
+    def live(self) -> bool:
+        """In the table: set by ``_add_flow``, cleared by ``end_flow``."""
+        return bool(self._bits & _LIVE)
+
+    @live.setter
+    def live(self, v: bool) -> None:
+        self._bits = INT16[self._bits | _LIVE if v else self._bits & ~_LIVE]
+
+    # The endpoints, read off the keys (never on the per-packet path).
+
+    @property
+    def backend(self) -> int:
+        return int.from_bytes(self.backend_b, "big")
+
+    @property
+    def public(self) -> int:
+        return int.from_bytes(self.public_b, "big")
+
+    @property
+    def remote(self) -> int:
+        return int.from_bytes(self.inside_key[4:8], "big")
+
+    @property
+    def remote_port(self) -> int:
+        k = self.inside_key
+        return k[10] << 8 | k[11]
+
+    @property
+    def dest(self) -> bytes:
+        """Remote ip and port: what the block counts ports per destination by."""
+        k = self.inside_key
+        return k[4:8] + k[10:12]
+
+    @property
+    def backend_port_b(self) -> bytes:
+        return PORT_BYTES[self.backend_port]
+
+    @property
+    def public_port_b(self) -> bytes:
+        return PORT_BYTES[self.public_port]
 
 
 def new_flow(
@@ -299,29 +465,23 @@ def new_flow(
     inbound: bool = False,
     idle: float = 0.0,
 ) -> Flow:
-    """A flow from its three endpoints as the wire writes them, with the numbers the
-    views show and the RFC 1624 deltas both directions apply computed once, here,
-    for the one place each kind of flow starts (an outbound first packet,
+    """A flow from its three endpoints as the wire writes them, with the RFC 1624
+    deltas both directions apply computed once, here, for the one place each kind
+    of flow starts (an outbound first packet,
     :meth:`~gateway.core.lifecycle.FlowLifecycle._create_flow`; an inbound one,
     :meth:`~gateway.core.inbound.Inbound._open_inbound`). Per new flow, never per
-    packet. The keys are the caller's: each already has the one its packet carries."""
+    packet. The keys are the caller's: each already has the one its packet carries
+    (``remote_b``/``remote_port_b`` are in them; the flow keeps nothing else of them)."""
     in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
     return Flow(
         proto=proto,
         scenario=scenario,
         inside_key=inside_key,
         outside_key=outside_key,
-        backend=int.from_bytes(backend_b, "big"),
-        backend_port=int.from_bytes(backend_port_b, "big"),
         backend_b=backend_b,
-        backend_port_b=backend_port_b,
-        public=int.from_bytes(public_b, "big"),
-        public_port=int.from_bytes(public_port_b, "big"),
+        backend_port=backend_port_b[0] << 8 | backend_port_b[1],
         public_b=public_b,
-        public_port_b=public_port_b,
-        remote=int.from_bytes(remote_b, "big"),
-        remote_port=int.from_bytes(remote_port_b, "big"),
-        dest=remote_b + remote_port_b,
+        public_port=public_port_b[0] << 8 | public_port_b[1],
         block=block,
         in2out_ip=delta(backend_b, public_b),
         in2out_l4=in2out_l4,

@@ -132,11 +132,15 @@ class FlowLifecycle(TableState):
 
     def _add_flow(self, f: Flow, be: Backend) -> None:
         """Insert both keys of ``f`` and arm its timer: the only way a flow starts."""
-        self.inside[f.proto][f.inside_key] = f
-        self.outside[f.proto][f.outside_key] = f
-        be.flows.add(f)
-        if not f.pkts_in:
-            be.unreplied[f] = None
+        proto = f.proto
+        self.inside[proto][f.inside_key] = f
+        self.outside[proto][f.outside_key] = f
+        ips = self._ip_bytes
+        f.backend_b = ips.setdefault(f.backend_b, f.backend_b)
+        f.public_b = ips.setdefault(f.public_b, f.public_b)
+        f.live = True
+        be.flow_list.append(f)
+        be.flow_count += 1
         self.flows_live += 1
         if not f.inbound:
             be.created += 1
@@ -149,25 +153,28 @@ class FlowLifecycle(TableState):
         vacancy clock at ``now``, the moment the flow ended (docs/model.md,
         "Resizing"; without ``now``, the table's last timer tick or the flow's
         last packet, whichever is later)."""
-        if self.inside[f.proto].get(f.inside_key) is not f:
+        if not f.live:
             return
         if now is None:
             now = max(f.last_seen, self.wheel.current * self.wheel.tick)
+        proto = f.proto
+        f.live = False
         self.flows_live -= 1
-        del self.inside[f.proto][f.inside_key]
-        del self.outside[f.proto][f.outside_key]
+        del self.inside[proto][f.inside_key]
+        del self.outside[proto][f.outside_key]
         self.wheel.cancel(f)
         block = f.block
         if block is not None:
-            block.release(f.proto, f.public_port, f.dest)
-            inv = block.inventories[f.proto]
+            block.release(proto, f.public_port, f.dest)
+            inv = block.inventories[proto]
             if not inv.high_armed and inv.in_use < (self.model.high_water - HIGH_WATER_HYSTERESIS) * inv.size:
                 inv.high_armed = True
         be = self.backends.get(f.backend)
         if be is not None:
-            be.flows.discard(f)
-            be.unreplied.pop(f, None)
-            if not be.flows and be.scenario == Scenario.DEFAULT:
+            n = be.flow_count = be.flow_count - 1
+            if len(be.flow_list) > n + (n >> 2) + 16:
+                be.compact()
+            if not n and be.scenario == Scenario.DEFAULT:
                 be.vacant_since = now
                 self._vacant[be.ip] = be
                 self._vacant_due = min(self._vacant_due, now + self.timeouts.idle)
@@ -265,7 +272,7 @@ class FlowLifecycle(TableState):
         the others; failing that, in the newcomer's own. Otherwise refused.
         """
         model = self.model
-        if len(be.flows) >= model.max_flows_per_backend:
+        if be.flow_count >= model.max_flows_per_backend:
             if self._early_drop(be, now):
                 return True
             self._refuse(be, proto, "backend", model.max_flows_per_backend, now)
@@ -273,8 +280,8 @@ class FlowLifecycle(TableState):
         if self.flows_live < model.max_flows:
             return True
         hog = self._hog
-        if hog is None or now - self._hog_at >= HOG_RESCAN or len(hog.flows) < len(be.flows):
-            hog = self._hog = max(self.backends.values(), key=lambda b: len(b.flows), default=be)
+        if hog is None or now - self._hog_at >= HOG_RESCAN or hog.flow_count < be.flow_count:
+            hog = self._hog = max(self.backends.values(), key=lambda b: b.flow_count, default=be)
             self._hog_at = now
         if self._early_drop(hog, now) or (hog is not be and self._early_drop(be, now)):
             return True
@@ -283,15 +290,19 @@ class FlowLifecycle(TableState):
 
     def _early_drop(self, be: Backend, now: float) -> bool:
         """End ``be``'s oldest flow that never saw a reply; False if none among the
-        first :data:`EARLY_DROP_SCAN` (replied ones met on the way leave the line)."""
-        line = be.unreplied
-        for _ in range(EARLY_DROP_SCAN):
-            if not line:
-                return False
-            f, _none = line.popitem(last=False)
-            if not _replied(f) and self.inside[f.proto].get(f.inside_key) is f:
+        next :data:`EARLY_DROP_SCAN` of its flows from ``be.drop_from`` (replied and
+        ended ones met on the way are passed for good: a reply is never taken back)."""
+        line = be.flow_list
+        i = be.drop_from
+        end = min(len(line), i + EARLY_DROP_SCAN)
+        while i < end:
+            f = line[i]
+            i += 1
+            if f.live and not _replied(f):
+                be.drop_from = i
                 self.end_flow(f, EndReason.EARLY_DROP, now)
                 return True
+        be.drop_from = i
         return False
 
     def _deny(self, backend: int, decision: Decision, remote: int, port: int, proto: int, now: float) -> None:
@@ -319,7 +330,7 @@ class FlowLifecycle(TableState):
                 protocol=PROTO_NAMES.get(proto, str(proto)),
                 limit=limit,
                 max_flows=cap,
-                flows=len(be.flows),
+                flows=be.flow_count,
                 suppressed=gate.suppressed,
             )
         )

@@ -19,11 +19,14 @@ the file holds the wall time of the snapshot and every time field of a flow
 that passed since (never negative: a clock that went back counts as no time),
 so a flow that would have idled out meanwhile is not restored.
 
-Flows are written generically (:func:`dataclasses.fields` of
-:class:`~gateway.core.flow.Flow`, with the field names in the file), so a field
-added to ``Flow`` with a default is saved without a change here and a file
-written before it was added still loads. Fields that are references
-(``block``, the timer wheel's slot) are not data: restore rebuilds them.
+Flows are written by field name (:data:`FLOW_FIELDS`, with the names in the
+file), the same names and order as when ``Flow`` was a dataclass with one slot
+each: the compact ``Flow`` (docs/decisions.md, "Compact flows") derives some of
+them from its keys and packs others, behind properties of the same names, so a
+file written before it loads and a file written now loads in the version
+before. A name added to the list later needs a default in ``Flow.__init__``;
+a file written before it was added still loads. References (``block``, the
+timer wheel's slot, ``decision``) are not data: restore rebuilds them.
 
 Restoring checks the whole file before it changes the table (a refused file
 raises :class:`~gateway.core.errors.StateError` and leaves the table as it
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -55,36 +58,27 @@ FORMAT = "snatgw-state"
 VERSION = 1
 #: Flow fields holding a time of the table's monotonic clock (saved as ages).
 TIME_FIELDS = frozenset({"created", "last_seen"})
-#: Flow fields that are references to other objects; restore rebuilds them
-#: (``decision``: a restore asks the security groups of the configuration it
-#: starts with, docs/decisions.md "Restore re-checks the rules").
-REFERENCE_FIELDS = frozenset({"block", "wheel_slot", "wheel_tick", "decision"})
 #: Rows per chunk of :func:`encode_chunks` (about 0.5 ms of work): the saver
 #: sleeps between chunks, so the loop thread never waits long for the interpreter.
 ENCODE_CHUNK = 100
 
-_SCALARS: dict[str, type] = {"int": int, "float": float, "bytes": bytes, "str": str, "bool": bool}
-
-
-def _saved_fields() -> tuple[tuple[str, type], ...]:
-    """(name, type) of every Flow field that is plain data, in declaration order."""
-    out = []
-    for f in fields(Flow):
-        kind = _SCALARS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
-        if f.name in REFERENCE_FIELDS or kind is None:
-            continue
-        out.append((f.name, kind))
-    return tuple(out)
-
-
-#: The Flow fields a state file holds.
-FLOW_FIELDS = _saved_fields()
+#: The Flow fields a state file holds, (name, type) in the file's order (version 1).
+FLOW_FIELDS: tuple[tuple[str, type], ...] = (
+    ("proto", int), ("scenario", int), ("inside_key", bytes), ("outside_key", bytes),
+    ("backend", int), ("backend_port", int), ("backend_b", bytes), ("backend_port_b", bytes),
+    ("public", int), ("public_port", int), ("public_b", bytes), ("public_port_b", bytes),
+    ("remote", int), ("remote_port", int), ("dest", bytes), ("in2out_ip", int), ("in2out_l4", int),
+    ("out2in_ip", int), ("out2in_l4", int), ("created", float), ("last_seen", float),
+    ("timeout", float), ("state", int), ("fins", int), ("pkts_out", int), ("pkts_in", int),
+    ("bytes_out", int), ("bytes_in", int), ("trk_ack", int), ("trk_win", int), ("trk_scale", int),
+    ("trk_isn", int), ("inbound", bool), ("idle", float),
+)  # fmt: skip
 _NAMES = tuple(name for name, _ in FLOW_FIELDS)
 FIELD_KINDS = dict(FLOW_FIELDS)
 #: Flow fields set when a flow is created and never written again (the
 #: core assigns only ``last_seen``, ``timeout``, ``state``, ``fins`` and the
 #: packet and byte counters later). Every other field, including any added to
-#: ``Flow`` later, is copied in the loop's thread.
+#: the list later, is copied in the loop's thread.
 FIXED_FIELDS = frozenset({
     "proto", "scenario", "inside_key", "outside_key", "backend", "backend_port", "backend_b",
     "backend_port_b", "public", "public_port", "public_b", "public_port_b", "remote",
@@ -106,11 +100,13 @@ _GET_CHANGING = _getter(_CHANGING)
 _HEX = tuple(i for i, (_, kind) in enumerate(FLOW_FIELDS) if kind is bytes)
 _INTS = tuple(i for i, (_, kind) in enumerate(FLOW_FIELDS) if kind is int)
 _AGES = tuple(i for i, (name, _) in enumerate(FLOW_FIELDS) if name in TIME_FIELDS)
-REQUIRED_FIELDS = frozenset(
-    f.name
-    for f in fields(Flow)
-    if f.default is MISSING and f.default_factory is MISSING and f.name not in REFERENCE_FIELDS
-)
+#: The fields ``Flow.__init__`` has no default for (a file must hold them).
+REQUIRED_FIELDS = frozenset({
+    "proto", "scenario", "inside_key", "outside_key", "backend", "backend_port", "backend_b",
+    "backend_port_b", "public", "public_port", "public_b", "public_port_b", "remote",
+    "remote_port", "dest", "in2out_ip", "in2out_l4", "out2in_ip", "out2in_l4", "created",
+    "last_seen", "timeout",
+})
 
 
 @dataclass(frozen=True, slots=True)

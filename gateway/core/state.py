@@ -88,6 +88,10 @@ class TableState:
         #: Live flows (the global flow cap counts against it), and the backend that
         #: held the most flows when last looked for (``_hog_at``; docs/decisions.md, "Flow caps").
         self.flows_live = 0
+        #: One bytes object per 4-byte address the flows name (public and backend
+        #: addresses): flows share it instead of holding a copy each (docs/decisions.md,
+        #: "Compact flows"). Grows with the addresses ever used, never per flow.
+        self._ip_bytes: dict[bytes, bytes] = {}
         self._hog: Backend | None = None
         self._hog_at = float("-inf")
         self.inside: dict[int, FlowMap] = {PROTO_TCP: {}, PROTO_UDP: {}, PROTO_ICMP: {}}

@@ -149,7 +149,7 @@ def backend_ports(be: Backend, now: float, wall: float, top: int = 3) -> dict[st
         "allocated": block.size if block is not None else None,
         "in_use": in_use,
         "peak": peak,
-        "flows": len(be.flows),
+        "flows": be.flow_count,
         "top_destinations": [
             {"protocol": p, "destination": d, "ports": n} for n, p, d in sorted(cands, reverse=True)[:top]
         ],
@@ -320,7 +320,7 @@ def who(
         "pool": holder.pool,
         "block": [list(r) for r in block.ranges()] if block is not None else [[0, 65535]],
         "allocated": block.size if block is not None else None,
-        "flows": len(holder.flows),
+        "flows": holder.flow_count,
     }
     mine = [f for f in holder.flows if f.public_port == port and (proto is None or f.proto == proto)]
     out["flows"] = flow_rows([_record(f) for f in mine], now)

@@ -88,7 +88,7 @@ def test_early_drop_work_is_bounded() -> None:
         send(t, A, 31000 + i, 1.0)
     be = t.backends[ip(A)]
     assert send(t, A, 32000, 2.0) == -1, "64 replied flows scanned, none dropped"
-    assert len(be.unreplied) == 100 - 64
+    assert be.drop_from == 64, "the next attempt starts past the replied ones"
     assert send(t, A, 32001, 2.0) > 0, "the next attempt reaches the quiet flows"
     assert t.counters_dict()["flows_ended_early_drop"] == 1
 
@@ -222,3 +222,20 @@ def test_early_drop_starts_the_vacancy_clock_of_a_standalone_backend_at_that_mom
     assert ip("10.10.3.1") in t.backends
     t.handle_timer(50.0 + 240.0)
     assert ip("10.10.3.1") not in t.backends
+
+
+def test_a_backends_list_of_flows_drops_ended_ones_as_it_goes() -> None:
+    """Churn on one backend: its list holds at most a quarter more than its live flows
+    (plus 16), and ``flows`` lists exactly the live ones."""
+    t = capped(per_backend=1000)
+    be = None
+    for rnd in range(20):
+        for i in range(50):
+            send(t, A, 20000 + rnd * 50 + i, float(rnd))
+        be = t.backends[ip(A)]
+        for f in be.flows[:40]:
+            t.end_flow(f, EndReason.CLOSED, float(rnd))
+        assert len(be.flow_list) <= be.flow_count + (be.flow_count >> 2) + 16
+    assert be is not None
+    live = [f for fl in t.inside.values() for f in fl.values()]
+    assert sorted(map(id, be.flows)) == sorted(map(id, live)) and be.flow_count == len(live) == 200

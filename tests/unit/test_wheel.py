@@ -8,14 +8,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.wheel import TimerWheel
+from gateway.core.wheel import SWEEP_FLOOR, TimerWheel
 
 
 @dataclass(eq=False)
 class Entry:
     when: float
-    wheel_slot: dict[Any, None] | None = None
-    wheel_tick: int = 0
+    wheel_slot: list[Any] | None = None
 
 
 @settings(deadline=None, max_examples=60)
@@ -69,3 +68,32 @@ def test_next_deadline_tells_the_loop_when_to_wake() -> None:
     w.schedule(e, 3.0)
     t = w.next_deadline()
     assert t is not None and t <= 3.0
+
+
+def test_rearming_into_the_same_slot_fires_at_the_latest_deadline_once() -> None:
+    """Two deadlines of one entry in one coarse slot: it fires once, at the later one."""
+    w = TimerWheel(now=0.0)
+    e = Entry(20.0)
+    w.schedule(e, 20.0)
+    w.schedule(e, 21.0)
+    assert w.count == 1 and w.stale == 1
+    assert w.advance(20.5) == []
+    assert w.advance(21.2) == [e]
+    assert w.count == 0 and w.stale == 0
+
+
+def test_stale_entries_stay_bounded_under_rearms_and_cancels() -> None:
+    """Places left by re-arms and cancels are swept once they pass the bound; the live
+    entries still fire, each once, and the cancelled ones never."""
+    w = TimerWheel(now=0.0)
+    keep = [Entry(0.0) for _ in range(100)]
+    for rnd in range(200):
+        for i, e in enumerate(keep):
+            w.schedule(e, 50.0 + rnd + i * 0.01)
+        gone = Entry(0.0)
+        w.schedule(gone, 60.0)
+        w.cancel(gone)
+        assert w.stale <= SWEEP_FLOOR + (w.count >> 2) + 1
+    fired = w.advance(10000.0)
+    assert sorted(map(id, fired)) == sorted(map(id, keep))
+    assert w.count == 0
