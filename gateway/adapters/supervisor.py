@@ -306,8 +306,8 @@ class Supervisor:
             self.ask_all("start")
             died = self._watch()
         finally:
-            if died is None and not self.stopping:
-                died = next((h for h in self.workers if h.pid and not h.process.is_alive()), None)
+            if died is None and set_up and not self.stopping:
+                died = next((h for h in self.workers if not h.process.is_alive()), None)
                 if died is not None:  # it died while the rest was being set up
                     self.log.error("worker_died", worker=died.index, pid=died.pid,
                                    **_signal_name(died.process.exitcode))  # fmt: skip
