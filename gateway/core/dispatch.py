@@ -22,14 +22,17 @@ LB dispatch: the rule's distribution hash (the tuple
 :func:`~gateway.core.inbound.pick_member` hashes) modulo **all** configured
 members in address order names a member, whose owner is the dispatch worker;
 if that worker owns no healthy member of the rule, the next worker
-(cyclically) that does. The dispatch worker then picks among its own healthy
-members. Hashing over all members, not the healthy ones, keeps the worker of a
-flow fixed while other members come and go, so a flow's later packets, sent
-by the remote's address to any worker, find it. Every worker probes every
-member (its own whole health book), so all of them compute the same worker;
-should two disagree for a moment (a probe result seen by one first), the
-packet is handed on to a worker that hands it on again, which the adapter
-drops (``drop_misrouted``): a SYN the client retries.
+(cyclically) that does. The dispatch worker takes the member the hash named
+when it is up, else one of its own healthy members
+(:func:`~gateway.core.inbound.pick_own_member`): with every member up, a flow
+goes to the member one worker would pick. Hashing over all members, not the
+healthy ones, keeps the worker of a flow fixed while other members come and
+go, so a flow's later packets, sent by the remote's address to any worker,
+find it. Every worker probes every member (its own whole health book), so all
+of them compute the same worker; should two disagree for a moment (a probe
+result seen by one first), the packet is handed on to a worker that hands it
+on again, which the adapter drops (``drop_misrouted``): a SYN the client
+retries.
 """
 
 from __future__ import annotations

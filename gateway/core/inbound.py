@@ -130,6 +130,23 @@ def pick_member(
     return healthy[distribution_hash(distribution, proto, src, dst, ports) % n]
 
 
+def pick_own_member(t: InboundTarget, proto: int, src: bytes, dst: bytes, ports: bytes) -> int:
+    """:func:`pick_member` for one of several workers, the rule's dispatch worker
+    (:mod:`gateway.core.dispatch`): the member the hash names among **all**
+    members when this worker owns it and it is up (so with every member up a
+    flow goes where one worker would send it), else one of this worker's
+    healthy members by the hash's quotient (its remainder is what sent the flow
+    here, so it would pick the same one every time). ``t.mine`` is not empty."""
+    members = t.members
+    n = len(members)
+    h = distribution_hash(t.distribution, proto, src, dst, ports) if n > 1 else 0
+    m = members[h % n]
+    mine = t.mine
+    if m in mine:
+        return m
+    return mine[h // n % len(mine)]
+
+
 def distribution_hash(distribution: Distribution, proto: int, src: bytes, dst: bytes, ports: bytes) -> int:
     """The CRC-32 :func:`pick_member` takes modulo the members (see there)."""
     if distribution == Distribution.SOURCE_IP:
@@ -238,7 +255,10 @@ class Inbound(Placement):
             if not healthy:
                 c[Counter.DROP_NO_HEALTHY_MEMBER] += 1
                 return None
-            backend = pick_member(healthy, t.distribution, proto, remote_b, public_b, key[8:12])
+            if self._sharded:
+                backend = pick_own_member(t, proto, remote_b, public_b, key[8:12])
+            else:
+                backend = pick_member(healthy, t.distribution, proto, remote_b, public_b, key[8:12])
             backend_port_b, scenario, idle, opening = (
                 PORT_BYTES[t.backend_port],
                 Scenario.LB,
