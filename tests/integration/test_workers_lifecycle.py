@@ -1,6 +1,6 @@
 """Two workers (README, "Workers"): a reload keeps every flow in its worker, a worker's
-crash fails the gateway closed, and a killed supervisor takes its workers with it while
-its rules keep dropping.
+crash fails the gateway closed, a killed supervisor takes its workers with it while its
+rules keep dropping, and each worker's state file survives a restart.
 
 With two workers, backend ``ip`` belongs to worker ``(ip & 15) % 2``
 (gateway/core/shard.py): 10.10.1.2 is worker 0's, 10.10.1.1 worker 1's.
@@ -50,6 +50,8 @@ def test_reload_keeps_flows_and_refuses_a_new_worker_count(
         }
         res = g.reload(config(lab_extra, idle_timeout=250))
         assert res is not None and res.returncode == 0, res.stderr.decode() if res else None
+        g.reload(config(lab_extra, idle_timeout=260), sighup=True)
+        h.wait_until(lambda: len(g.events("config_reloaded")) == 2, 10, what="SIGHUP reload")
         flows_after = {
             (f["backend"], f["public_port"], f["worker"]) for f in g.ask("flows", "--proto", "udp")
         }
@@ -139,3 +141,37 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_each_worker_keeps_its_state_across_a_restart(
+    lab: LabNames, lab_extra: tuple[str, ...], gateway: h.GatewayFactory, tmp_path: Any
+) -> None:
+    """Each worker saves its flows to its own file (state path + .workerIofN) at stop and
+    restores them at start, same public port in the same worker; a file written with
+    another worker count is ignored, and said so."""
+    state = tmp_path / "state.json"
+    state.write_bytes(b"{}")  # a one-worker gateway's file: not for two workers
+
+    def two(cfg: dict[str, Any]) -> None:
+        cfg["gateway"]["workers"] = 2
+        cfg["gateway"]["state_file"] = str(state)
+
+    text = h.lab_config(extra_members=lab_extra[:2], mutate=two)
+    g = gateway(text, ready_timeout=60)
+    ignored = g.events("state_ignored")
+    assert [e["path"] for e in ignored] == [str(state)]
+    for src in (t.POOL_MEMBERS[1], t.POOL_MEMBERS[0]):
+        out = h.probe(lab.be, {"sockets": [{"src": src, "connect": [t.SERVER, t.WHOAMI_UDP_PORT]}],
+                               "steps": [["send", 0, None, 0, "keep me"], ["recv", 0, 3]]})  # fmt: skip
+        assert "data" in out[2], out
+    before = {(f["backend"], f["public_port"], f["worker"]) for f in g.ask("flows", "--proto", "udp")}
+    assert {w for _, _, w in before} == {0, 1}
+    assert g.stop() == 0
+    saved = {e["worker"]: e["path"] for e in g.events("state_saved")}
+    assert saved == {0: f"{state}.worker0of2", 1: f"{state}.worker1of2"}
+    g2 = gateway(text, ready_timeout=60)
+    restored = {e["worker"]: e for e in g2.events("state_restored")}
+    assert set(restored) == {0, 1}, g2.events("state_not_restored")
+    after = {(f["backend"], f["public_port"], f["worker"]) for f in g2.ask("flows", "--proto", "udp")}
+    assert before <= after
+    assert g2.stop() == 0
