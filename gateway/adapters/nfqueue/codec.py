@@ -249,7 +249,7 @@ def parse_message(
                 alen, atype = _nla(buf, a)
         if pid < 0:
             return (_bad, nxt, 0, 0, 0, 0, 0)
-        if mark:
+        if mark & 0x48000000:  # Mark.HAIRPIN | Mark.REQUEUED
             if mark & 0x40000000:  # Mark.HAIRPIN (only set in PREROUTING)
                 hook |= 0x100  # Hook.PRE_ROUTING_HAIRPIN
             if mark & 0x08000000:  # Mark.REQUEUED
