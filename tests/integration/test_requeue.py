@@ -49,7 +49,7 @@ def _run(*cmd: str) -> None:
 
 
 @contextlib.contextmanager
-def _inside(ns: str) -> Iterator[None]:
+def in_netns(ns: str) -> Iterator[None]:
     """Run the block with this thread in namespace ``ns`` (sockets made there stay there)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
@@ -217,7 +217,7 @@ def lab() -> Iterator[Lab]:
     threads: list[threading.Thread] = []
     try:
         _topology(lab)
-        with _inside(lab.router):
+        with in_netns(lab.router):
             for i, table in enumerate(lab.tables):
                 loops.append(PacketLoop(table, QUEUE, worker=i, workers=2))  # type: ignore[arg-type]
         for loop, hooks in zip(loops, lab.hooks, strict=True):
@@ -239,10 +239,10 @@ def lab() -> Iterator[Lab]:
 
 def _send_udp(lab: Lab, port: int, data: bytes) -> socket.socket:
     """Bind the far side's socket on ``port``, send ``data`` from the client; return the far socket."""
-    with _inside(lab.far):
+    with in_netns(lab.far):
         far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     far.bind(("0.0.0.0", port))
-    with _inside(lab.client):
+    with in_netns(lab.client):
         cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with cli:
         cli.sendto(data, (FAR, port))
@@ -309,13 +309,13 @@ def test_tcp_is_handed_to_the_tcp_queue_of_the_other_worker(lab: Lab) -> None:
     """A SYN on worker 0's TCP queue is handed to worker 1's TCP queue (13, not 12) with a full
     checksum (the far side accepts the connection) and the data then flows."""
     before = _queue_ids(lab.router)
-    with _inside(lab.far):
+    with in_netns(lab.far):
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with srv:
         srv.bind(("0.0.0.0", P_TCP))
         srv.listen(1)
         srv.settimeout(WAIT)
-        with _inside(lab.client):
+        with in_netns(lab.client):
             cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         with cli:
             cli.settimeout(WAIT)
