@@ -33,7 +33,7 @@ from gateway.core.in2out import In2Out
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, GatewayModel
 from gateway.core.out2in import Out2In
 from gateway.core.shard import Shard
-from gateway.core.verdict import DROP, REQUEUE, Verdict
+from gateway.core.verdict import ACCEPT_MODIFIED, DROP, REQUEUE, Verdict
 
 
 class TranslationTable(In2Out, Out2In):
@@ -85,7 +85,13 @@ class TranslationTable(In2Out, Out2In):
         key = self._hairpin_new_key(buf, ihl, proto)
         if key is None:
             return DROP
-        if self.in2out(buf, now) == DROP:
+        verdict = self.in2out(buf, now)
+        if verdict != ACCEPT_MODIFIED:
+            if verdict >= REQUEUE:
+                # An error from the sender quoting another worker's flow: a re-queued
+                # hairpin is always a second half, so it cannot go there.
+                self.counters[Counter.REQUEUED] -= 1
+                self.counters[Counter.DROP_MISROUTED] += 1
             return DROP
         verdict = self.out2in(buf, now)
         if verdict >= REQUEUE:

@@ -27,7 +27,7 @@ from gateway.core.verdict import (
     REQUEUES,
 )
 from tests.unit.conftest import echo, ip, tcp, udp
-from tests.unit.test_shard import BACKENDS, FE_WEB, WEB, Gateway, reply_to, shard_model
+from tests.unit.test_shard import BACKENDS, FE_WEB, INST, INST_PUBLIC, WEB, Gateway, reply_to, shard_model
 
 ROUTER = "192.0.2.77"
 REMOTE = "203.0.113.5"
@@ -236,3 +236,20 @@ def test_one_worker_restore_counts_nothing_as_not_owned() -> None:
     t = TranslationTable(replace(shard_model()), 0.0)
     s = restore.restore(t, persist.dump(gw.tables[0], 2.0, 1000.0), 3.0, 1001.0)
     assert (s.restored, s.dropped_not_owned) == (1, 0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_hairpinned_icmp_error_finds_the_sender_across_workers(n: int) -> None:
+    """A target's port-unreachable about a hairpinned datagram goes back through both
+    halves (the target's worker, then the sender's) with the quote put back."""
+    gw = Gateway(n)
+    sender = next(b for b in BACKENDS if backend_owner(ip(b), n) != backend_owner(ip(INST), n))
+    pkt = udp(sender, INST_PUBLIC, 4321, 7000)
+    w, v = gw.send("hairpin", pkt)
+    assert (w, v, describe(pkt).dst) == (backend_owner(ip(INST), n), ACCEPT_MODIFIED_MARK, INST)
+    err = icmp_error(INST, describe(pkt).src, pkt, 3, 3)
+    w, v = gw.send("hairpin", err)
+    assert (w, v) == (backend_owner(ip(sender), n), ACCEPT_MODIFIED_MARK)
+    assert describe(err).dst == sender and describe(err).src == INST_PUBLIC
+    assert quoted(err) == (sender, INST_PUBLIC, 4321, 7000)
+    assert checksums_ok(err)
