@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.lab import clients
 from gateway.lab import layout as t
+from gateway.lab.inbound import MemberListeners, parse_member_answer
 from gateway.lab.layout import LabNames
 from tests.integration import helpers as h
 
@@ -55,9 +58,27 @@ def backends(extra: tuple[str, ...]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def gw(lab: LabNames, lab_extra: tuple[str, ...], module_gateway: h.GatewayFactory) -> h.GatewayProc:
-    """One two-worker gateway for the traffic and operator-view tests."""
-    return module_gateway(config(lab_extra, metrics=f"127.0.0.1:{METRICS_PORT}"), ready_timeout=60)
+def listeners(
+    lab: LabNames, lab_extra: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MemberListeners]:
+    """Listeners on every pool member and the instance IP's backend (port 8080)."""
+    ml = MemberListeners(lab.be, Path(tmp_path_factory.mktemp("listeners")))
+    try:
+        ml.start_all([*t.POOL_MEMBERS, *lab_extra[:2], t.INSTANCE_BACKEND], t.MEMBER_PORT)
+        yield ml
+    finally:
+        ml.close()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    lab: LabNames, lab_extra: tuple[str, ...], module_gateway: h.GatewayFactory, listeners: MemberListeners
+) -> h.GatewayProc:
+    """One two-worker gateway (inbound open) for the traffic and operator-view tests."""
+    text = config(lab_extra, metrics=f"127.0.0.1:{METRICS_PORT}").replace(
+        "[gateway]\n", '[gateway]\ninbound_default = "allow"\n', 1
+    )
+    return module_gateway(text, ready_timeout=60)
 
 
 def test_backends_of_both_workers(lab_extra: tuple[str, ...]) -> None:
@@ -144,3 +165,30 @@ def test_status_and_metrics_show_both_workers(
     assert {p["backend"] for p in ports} >= set(backends(lab_extra)) - {t.INSTANCE_BACKEND}
     text = gw.cli("status")
     assert text.returncode == 0 and b"WORKER" in text.stdout
+
+
+def test_inbound_and_hairpin_meet_in_the_owner(
+    lab: LabNames, lab_extra: tuple[str, ...], gw: h.GatewayProc
+) -> None:
+    """Connections from the internet to the LB frontend and the instance IP, and hairpins
+    between backends of different workers, are answered; every inbound flow sits in the
+    worker that owns its backend."""
+    url = f"http://{t.FRONTEND_IP}:80/"
+    res = clients.curl(lab.inet, t.SERVER, url, max_time=20, extra=[url] * 29)
+    assert res.returncode == 0, res.stderr.decode()
+    members = {parse_member_answer(x).member for x in res.stdout.decode().splitlines() if x.strip()}
+    assert {owner(m) for m in members} == {0, 1}, members
+    res = clients.curl(lab.inet, t.SERVER, f"http://{t.INSTANCE_PUBLIC}:{t.MEMBER_PORT}/", max_time=5)
+    assert res.returncode == 0, res.stderr.decode()
+    assert parse_member_answer(res.stdout.decode()).member == t.INSTANCE_BACKEND
+    # Hairpin: a worker-0 member to the instance IP (worker 1's backend), and back the other way.
+    res = h.curl(lab, t.POOL_MEMBERS[1], f"http://{t.INSTANCE_PUBLIC}:{t.MEMBER_PORT}/", max_time=5)
+    assert res.returncode == 0, res.stderr.decode()
+    a = parse_member_answer(res.stdout.decode())
+    assert (a.member, a.src) == (t.INSTANCE_BACKEND, t.FRONTEND_IP), a
+    res = h.curl(lab, t.INSTANCE_BACKEND, url, max_time=5)
+    assert res.returncode == 0, res.stderr.decode()
+    assert parse_member_answer(res.stdout.decode()).src == t.INSTANCE_PUBLIC
+    inbound = [f for f in gw.ask("flows") if f["direction"] == "in"]
+    assert inbound
+    assert all(f["worker"] == owner(f["backend"]) for f in inbound), inbound
