@@ -1,11 +1,12 @@
 """Re-queue between two workers through a real kernel (docs/kernel.md, "Steering").
 
 Three namespaces of our own: a client (10.99.0.2), a router (10.99.0.1, 10.99.1.1) and a far
-side (10.99.1.2). The router runs two PacketLoops of one test process, worker 0 and worker 1 of
-2 (queues 10/11 and 12/13), with stub tables: plain objects whose entry points answer fixed
-verdicts. Worker 0 answers REQUEUES[1] to everything; what worker 1 does decides what the far
-side's socket receives. The queues, the NF_QUEUE verdicts, the marks and the forwarding are the
-kernel's; the assertions are on what the far side received and on the kernel's queue counters.
+side (10.99.1.2). The router runs two PacketLoops of one test process, worker 0 and worker 1
+of 3 (queues 10/11 and 12/13; worker 2's queues 14/15 have no listener), with stub tables:
+plain objects whose entry points answer fixed verdicts. Worker 0 answers REQUEUES[1] to
+everything; what worker 1 does decides what the far side's socket receives. The queues, the
+NF_QUEUE verdicts, the marks and the forwarding are the kernel's; the assertions are on what
+the far side received and on the kernel's queue counters.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ pytestmark = pytest.mark.integration
 QUEUE = 10
 CLIENT, ROUTER_IN, ROUTER_OUT, FAR = "10.99.0.2", "10.99.0.1", "10.99.1.1", "10.99.1.2"
 #: Destination ports, one per case: in2out (POSTROUTING), out2in (PREROUTING, the FORWARD filter
-#: lets it through only with INSIDE|REQUEUED), hairpin, a second REQUEUE, TCP (SYN only).
-P_IN2OUT, P_OUT2IN, P_HAIRPIN, P_TWICE, P_TCP = 7000, 7002, 7003, 7004, 7001
+#: lets it through only with INSIDE|REQUEUED), hairpin, a second REQUEUE, TCP (SYN only), and a
+#: packet worker 0 hands to worker 2, which is not running.
+P_IN2OUT, P_OUT2IN, P_HAIRPIN, P_TWICE, P_TCP, P_NOBODY = 7000, 7002, 7003, 7004, 7001, 7005
 WAIT = 5.0
 QUIET = 1.0
 
@@ -113,9 +115,12 @@ class StubTable:
 
 
 def _worker0(name: str, p: memoryview) -> int:
-    """Hand everything to worker 1; a UDP packet with its first data byte set to 'A' first."""
+    """Hand everything to worker 1 (P_NOBODY to worker 2); a UDP packet with its first data
+    byte set to 'A' first."""
     if p[9] == socket.IPPROTO_UDP:
         p[(p[0] & 15) * 4 + 8] = ord("A")
+        if _udp_dport(p) == P_NOBODY:
+            return REQUEUES[2]
     return REQUEUES[1]
 
 
@@ -178,12 +183,13 @@ def _topology(lab: Lab) -> None:
     _run("ip", "-n", lab.far, "route", "add", "default", "via", ROUTER_OUT)
     _run("ip", "netns", "exec", lab.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     inside, hairpin, both = f"0x{Mark.INSIDE:x}", f"0x{Mark.HAIRPIN:x}", f"0x{Mark.INSIDE | Mark.REQUEUED:x}"
+    ports = f"{P_IN2OUT},{P_TWICE},{P_NOBODY}"
     rules = f"""*mangle
 -A PREROUTING -i vg0 -j MARK --set-xmark {inside}/{inside}
 -A PREROUTING -i vg0 -p udp --dport {P_OUT2IN} -j NFQUEUE --queue-num {QUEUE}
 -A PREROUTING -i vg0 -p udp --dport {P_HAIRPIN} -j MARK --set-xmark {hairpin}/{hairpin}
 -A PREROUTING -i vg0 -p udp --dport {P_HAIRPIN} -j NFQUEUE --queue-num {QUEUE}
--A POSTROUTING -o vg1 -p udp -m multiport --dports {P_IN2OUT},{P_TWICE} -j NFQUEUE --queue-num {QUEUE}
+-A POSTROUTING -o vg1 -p udp -m multiport --dports {ports} -j NFQUEUE --queue-num {QUEUE}
 -A POSTROUTING -o vg1 -p tcp --dport {P_TCP} --syn -j NFQUEUE --queue-num {QUEUE + 1}
 COMMIT
 *filter
@@ -219,7 +225,7 @@ def lab() -> Iterator[Lab]:
         _topology(lab)
         with in_netns(lab.router):
             for i, table in enumerate(lab.tables):
-                loops.append(PacketLoop(table, QUEUE, worker=i, workers=2))  # type: ignore[arg-type]
+                loops.append(PacketLoop(table, QUEUE, worker=i, workers=3))  # type: ignore[arg-type]
         for loop, hooks in zip(loops, lab.hooks, strict=True):
             loop._nl_packet = _recording(loop._nl_packet, hooks)  # type: ignore[method-assign,assignment]
             threads.append(threading.Thread(target=loop.run, daemon=True))
@@ -329,3 +335,20 @@ def test_tcp_is_handed_to_the_tcp_queue_of_the_other_worker(lab: Lab) -> None:
     delta = {q: after.get(q, 0) - before.get(q, 0) for q in range(QUEUE, QUEUE + 4)}
     assert delta == {QUEUE: 0, QUEUE + 1: 1, QUEUE + 2: 0, QUEUE + 3: 1}
     assert struct.unpack("!H", lab.tables[1].calls[-1][1][22:24])[0] == P_TCP
+
+
+def test_a_packet_handed_to_a_worker_nobody_runs_is_dropped(lab: Lab) -> None:
+    """Fail closed: worker 0 hands a packet to worker 2, whose queue has no listener; the kernel
+    drops it (no bypass), so the far side receives nothing and worker 1 never sees it."""
+    w0, w1 = lab.tables
+    n0, n1 = len(w0.calls), len(w1.calls)
+    before = _queue_ids(lab.router)
+    assert QUEUE + 4 not in before and QUEUE + 5 not in before
+    far = _send_udp(lab, P_NOBODY, b"..nobody")
+    with far:
+        assert _wait_for(lambda: len(w0.calls) == n0 + 1)
+        far.settimeout(QUIET)
+        with pytest.raises(TimeoutError):
+            far.recvfrom(2048)
+    assert len(w1.calls) == n1 and w0.misrouted == 0
+    assert _queue_ids(lab.router)[QUEUE] == before[QUEUE] + 1
