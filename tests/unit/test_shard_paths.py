@@ -14,7 +14,7 @@ from scapy.layers.inet import ICMP, IP
 from gateway.core import persist, restore
 from gateway.core.block import CHUNK_SHIFT
 from gateway.core.counters import Counter
-from gateway.core.model import Frontend, GatewayModel, LbRule, Pool
+from gateway.core.model import Direction, Frontend, GatewayModel, LbRule, Pool, SecurityGroup, Tag
 from gateway.core.packet import checksums_ok, describe
 from gateway.core.shard import Shard, backend_owner, slice_ports
 from gateway.core.table import TranslationTable
@@ -26,8 +26,18 @@ from gateway.core.verdict import (
     DROP,
     REQUEUES,
 )
-from tests.unit.conftest import echo, ip, tcp, udp
-from tests.unit.test_shard import BACKENDS, FE_WEB, INST, INST_PUBLIC, WEB, Gateway, reply_to, shard_model
+from tests.unit.conftest import echo, ip, rule, tcp, udp
+from tests.unit.test_shard import (
+    API,
+    BACKENDS,
+    FE_WEB,
+    INST,
+    INST_PUBLIC,
+    WEB,
+    Gateway,
+    reply_to,
+    shard_model,
+)
 
 ROUTER = "192.0.2.77"
 REMOTE = "203.0.113.5"
@@ -253,3 +263,37 @@ def test_hairpinned_icmp_error_finds_the_sender_across_workers(n: int) -> None:
     assert describe(err).dst == sender and describe(err).src == INST_PUBLIC
     assert quoted(err) == (sender, INST_PUBLIC, 4321, 7000)
     assert checksums_ok(err)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_any_worker_judges_a_probe_syn_to_any_member(n: int) -> None:
+    """Probe SYNs are stateless: every worker drops one a group denies, members it does
+    not own included, and passes it without such a group."""
+    no_lb = rule("no-lb", 100, Direction.INBOUND, False, src=(Tag.AZURE_LOAD_BALANCER,))
+    deny = SecurityGroup("nsg", (no_lb,), pools=("web", "api"))
+    for groups, want in (((), ACCEPT), ((deny,), DROP)):
+        model = replace(shard_model(), security_groups=groups, probe_source=ip("10.10.0.254"))
+        for w in range(n):
+            t = TranslationTable(model, 0.0, shard=Shard(w, n))
+            for m in WEB + API:
+                assert t.local_out(tcp("10.10.0.254", m, 33000, 8080), 1.0) == want
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_reload_places_new_members_at_their_owner_only(n: int) -> None:
+    """A reload that adds members gives each a block at its owner (in its slice) and
+    nowhere else, and keeps the live flows of the others."""
+    gw = Gateway(n)
+    pkts = [udp(m, REMOTE, 7000, 53) for m in WEB]
+    for p in pkts:
+        gw.send("in2out", p)
+    before = sum(t.flow_count() for t in gw.tables)
+    extra = tuple(f"10.10.1.{i}" for i in range(7, 12))
+    web = Pool("web", tuple(ip(m) for m in WEB + extra))
+    model = replace(shard_model(), pools=(web, shard_model().pools[1]))
+    for t in gw.tables:
+        t.reconfigure(model, 2.0)
+    gw.check()
+    assert sum(t.flow_count() for t in gw.tables) == before
+    for m in extra:
+        assert [w for w, t in enumerate(gw.tables) if ip(m) in t.backends] == [backend_owner(ip(m), n)]
