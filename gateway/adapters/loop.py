@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import selectors
+import select
 import signal
 import socket
 import threading
@@ -300,14 +300,18 @@ class PacketLoop:
         # takes effect within MAX_SLEEP.
         main = threading.current_thread() is threading.main_thread()
         old_wakeup = signal.set_wakeup_fd(wfd.fileno()) if main else -1
-        sel = selectors.DefaultSelector()
-        sel.register(rfd, selectors.EVENT_READ)
+        # epoll itself rather than selectors (a Python layer per wake-up), and only the
+        # queues it reports are drained: an empty drain ends in a BlockingIOError.
+        sel = select.epoll()
+        wake_fd = rfd.fileno()
+        sel.register(wake_fd, select.EPOLLIN)
         if self.sock is not None:
-            sel.register(self.sock, selectors.EVENT_READ)
-        for q in self.queues:
-            sel.register(q.fileno(), selectors.EVENT_READ)
+            sel.register(self.sock.fileno(), select.EPOLLIN)
+        by_fd = {q.fileno(): q for q in self.queues}
+        for fd in by_fd:
+            sel.register(fd, select.EPOLLIN)
+        poll = sel.poll
         nfq = self.nfq
-        queues = self.queues
         handler = self._nl_packet
         table = self.table
         latency = self.latency
@@ -317,16 +321,19 @@ class PacketLoop:
                 due = table.get_timer()
                 timeout = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - now))
                 busy = False
-                for key, _ in sel.select(timeout):
-                    if key.fileobj is rfd:
+                ready = []
+                for fd, _ in poll(timeout):
+                    if fd == wake_fd:
                         with contextlib.suppress(BlockingIOError):
                             rfd.recv(4096)
                     else:
                         busy = True
+                        if fd in by_fd:
+                            ready.append(by_fd[fd])
                 self.now = start = time.monotonic()
                 if nfq is not None:
                     nfq.run(block=False)
-                for q in queues:  # at most BATCH each, so a flood on one starves neither
+                for q in ready:  # at most BATCH each, so a flood on one starves neither
                     q.receive(handler, BATCH)  # the other queue nor the timers
                 if busy:
                     took = time.monotonic() - start
