@@ -64,6 +64,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# The bench's own modules beside it (bench_workers, profile_worker), also when imported by path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import bench_workers  # noqa: E402
 
 from gateway.adapters.control import RequestError, request  # noqa: E402
 from gateway.core.model import Timeouts  # noqa: E402
@@ -160,7 +165,7 @@ PROCS = ProcessSet()
 
 def gateway_config(*, fin_linger: float | None = None, rules: int = 0, queue: int = 0,
                    max_flows: int | None = None, idle_timeout: float | None = None,
-                   queue_maxlen: int | None = None) -> str:
+                   queue_maxlen: int | None = None, workers: int | None = None) -> str:
     """The bench's snatgw config: the pool member behind the frontend and the instance IP.
 
     Only what a value is given for appears under ``[gateway]``: the default row runs the
@@ -174,6 +179,8 @@ def gateway_config(*, fin_linger: float | None = None, rules: int = 0, queue: in
         opt.append(f"idle_timeout = {idle_timeout:g}")
     if queue_maxlen is not None:
         opt.append(f"queue_maxlen = {queue_maxlen}")
+    if workers is not None:
+        opt.append(f"workers = {workers}")
     if max_flows is not None:
         opt += [f"max_flows = {max_flows}", f"max_flows_per_backend = {max_flows}"]
     text = f"""\
@@ -676,15 +683,38 @@ def render_machine(machine: dict[str, Any], settings: dict[str, Any]) -> str:
             f"of the bests (spread of the per-round ratios){mode}")
 
 
-def render_section(sec: dict[str, Any]) -> str:
+def render_section(sec: dict[str, Any], machine: str = "") -> str:
+    """One section's table; ``machine`` is printed under a table with a ratio column,
+    because a ratio to kernel NAT holds for the machine it was measured on only."""
     base, val = sec["columns"]
     head = ("metric", "unit", base, val, "ratio (rounds)", "goal")
     lines = [(r["metric"], r["unit"], fmt(r["base"]), fmt(r["value"]), fmt_ratio(r), fmt_goal(r))
              for r in sec["rows"]]
     text = sec["title"] + "\n" + format_table(head, lines, (False, False, True, True, False, False))
+    if machine and any(r.get("ratio") is not None for r in sec["rows"]):
+        text += f"\n  ({machine})"
     for n in sec.get("notes", []):
         text += f"\n  note: {n}"
     return text
+
+
+def render_spy(spy: dict[str, Any] | None) -> str:
+    """py-spy's top functions by self time of one worker under the UDP load."""
+    if not spy:
+        return "Where one worker's time goes (py-spy): not measured"
+    if spy.get("error"):
+        return f"Where one worker's time goes (py-spy): failed: {spy['error']}"
+    g = spy.get("gateway") or {}
+    head = (f"Where one worker's time goes under the UDP 64 B load (workers = 1, py-spy "
+            f"{spy.get('rate_hz', '?')} Hz, {spy.get('samples', 0):,} samples, self time; a "
+            "syscall's kernel time counts for the Python function that made it)")
+    if g.get("cpu_us_per_packet") is not None:
+        head += (f"; that run: {g['cpu_us_per_packet']:.2f} us CPU per packet (user "
+                 f"{g['user_us_per_packet']:.2f}, system {g['system_us_per_packet']:.2f})")
+    lines = [head + ":"]
+    for t in spy.get("top", [])[:10]:
+        lines.append(f"  {t['share']:6.1%}  {t['function']}")
+    return "\n".join(lines)
 
 
 def render_profile(profile: dict[str, Any] | None) -> str:
@@ -733,10 +763,15 @@ def render_profile(profile: dict[str, Any] | None) -> str:
 
 def render_report(doc: dict[str, Any]) -> str:
     """The whole text report from the JSON document (so the JSON alone can re-print it)."""
-    parts = [render_machine(doc["machine"], doc["settings"])]
-    parts += [render_section(s) for s in doc["summary"]]
-    parts.append(f"workers: 1 (multi-worker not built; {doc['machine']['cores']} cores here)")
+    machine = doc["machine"]
+    on = f"machine: {machine['cores']} cores, {machine['cpu_model']}, kernel {machine['kernel']}"
+    parts = [render_machine(machine, doc["settings"])]
+    parts += [render_section(s, on) for s in doc["summary"]]
+    workers = doc.get("workers") or {}
+    parts.append(bench_workers.render_curve(workers if workers.get("rows") or workers.get("error") else None,
+                              machine["cores"]))
     parts.append(render_profile(doc.get("profile")))
+    parts.append(render_spy(doc.get("worker_profile")))
     errs = doc.get("errors") or []
     if errs:
         parts.append("Errors:\n" + "\n".join(f"  {e}" for e in errs))
@@ -773,17 +808,26 @@ def cpu_seconds(pid: int) -> float:
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of every thread of ``pid`` so far, in seconds."""
-    u, k = parse_cpu_split(Path(f"/proc/{pid}/stat").read_text())
+    """(utime, stime) so far, in seconds, of every thread of ``pid`` and of its descendants
+    (with ``workers`` > 1 snatgw is a supervisor and one process per worker)."""
+    u = k = 0
+    for p in bench_workers.process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            pu, pk = parse_cpu_split(Path(f"/proc/{p}/stat").read_text())
+            u, k = u + pu, k + pk
     hz = os.sysconf("SC_CLK_TCK")
     return u / hz, k / hz
 
 
 def rss_kb(pid: int) -> int:
-    got = parse_kb(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
-    if got is None:
+    """VmRSS of ``pid`` and its descendants (the workers), summed, in KiB."""
+    total = 0
+    for p in bench_workers.process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += parse_kb(Path(f"/proc/{p}/status").read_text(), "VmRSS") or 0
+    if not total:
         raise BenchError(f"no VmRSS for pid {pid}")
-    return got
+    return total
 
 
 def mem_available_kb() -> int:
@@ -1324,6 +1368,25 @@ def profile_core(iterations: int, repeats: int = 5) -> dict[str, Any]:
     return out
 
 
+def run_worker_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy on a one-worker snatgw under the bench's UDP load (scripts/profile_worker.py):
+    the top functions by self time, and that run's CPU per packet.  Not a measured row:
+    the sampler shares the machine."""
+    import profile_worker
+
+    ns = argparse.Namespace(duration=max(4.0, args.duration + 1.0), setup="default", native=False,
+                            spy=True, extra=["workers = 1"], perf="", gw_cmd=[], wrap="",
+                            prefix=args.prefix)
+    try:
+        got = profile_worker.run(ns, sys.modules[__name__])
+    except (LabError, OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    spy = dict(got.get("profile") or {})
+    spy["gateway"] = {k: v for k, v in got.get("gateway", {}).items() if k != "nfqueue"}
+    spy["udp"] = got.get("udp")
+    return spy
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1333,8 +1396,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="smoke run: 1 round, 1 s per load, 20k flows, short profile")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     p.add_argument("--duration", type=float, default=None, help="seconds per load (default 3, max 10)")
-    p.add_argument("--phases", default=",".join((*ROUND_PHASES, "memory", "profile")),
-                   help="comma list of kernel, snatgw, rules, tuned, memory, profile")
+    p.add_argument("--phases", default=",".join((*ROUND_PHASES, "memory", "workers", "profile")),
+                   help="comma list of kernel, snatgw, rules, tuned, memory, workers, profile")
     p.add_argument("--only", default="udp_pps,tcp_bulk,udp_rtt,tcp_cps", help="comma list of loads")
     p.add_argument("--prefix", default="bench", help="lab namespace prefix (default bench)")
     p.add_argument("--udp-streams", type=int, default=1, help="parallel iperf3 UDP senders")
@@ -1365,7 +1428,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.phases = [x for x in a.phases.split(",") if x]
     a.only = [x for x in a.only.split(",") if x]
     for ph in a.phases:
-        if ph not in (*ROUND_PHASES, "memory", "profile"):
+        if ph not in (*ROUND_PHASES, "memory", "workers", "profile"):
             p.error(f"unknown phase {ph}")
     return a
 
@@ -1423,6 +1486,8 @@ def run(args: argparse.Namespace) -> int:
     rounds: list[dict[str, Any]] = []
     rss: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    curve: dict[str, Any] | None = None
+    worker_profile: dict[str, Any] | None = None
     errors: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="snatgw-bench-") as tmpdir:
@@ -1447,6 +1512,20 @@ def run(args: argparse.Namespace) -> int:
                     log(f"memory: FAILED: {exc}")
                     rss = {"checkpoints": [], "notes": [], "errors": [f"memory: {exc}"]}
                 errors += rss.get("errors", [])
+            if "workers" in args.phases:
+                log(f"workers curve: 1 to {os.cpu_count()} workers")
+                try:
+                    curve = bench_workers.run_workers(sys.modules[__name__], args, Path(tmpdir),
+                                                      os.cpu_count() or 1)
+                except (LabError, OSError, subprocess.SubprocessError, RuntimeError, ValueError) as exc:
+                    log(f"workers curve: FAILED: {exc}")
+                    curve = {"error": str(exc), "rows": [], "errors": [f"workers: {exc}"]}
+                errors += curve.get("errors", [])
+            if "profile" in args.phases:
+                log("profile: py-spy on one worker under the UDP load")
+                worker_profile = run_worker_profile(args)
+                if worker_profile.get("error"):
+                    errors.append(f"worker profile: {worker_profile['error']}")
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         cleanup()
@@ -1478,7 +1557,7 @@ def run(args: argparse.Namespace) -> int:
         profile.update(process_split(samples.get("snatgw", {}).get("default", {})))
     doc = {"machine": machine, "settings": settings, "summary": summary, "profile": profile,
            "memory": rss, "samples": samples, "rounds": rounds, "errors": errors,
-           "workers": {"measured": [1], "note": "multi-worker not built"},
+           "workers": curve, "worker_profile": worker_profile,
            "runtime_s": round(time.monotonic() - started, 1)}
     Path(args.output).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(render_report(doc))

@@ -30,6 +30,8 @@ def _load(name: str) -> ModuleType:
 
 bench = _load("bench")
 helper = _load("bench_helper")
+workers = _load("bench_workers")
+profiler = _load("profile_worker")
 
 
 def ip(s: str) -> int:
@@ -233,7 +235,8 @@ def test_report_prints_the_machine_the_workers_line_and_every_section_from_json(
     doc = json.loads(json.dumps(_doc(rss)))
     text = bench.render_report(doc)
     assert text.startswith("snatgw bench 2026-12-02 08:20 UTC: 2 cores, AMD EPYC, kernel 6.18.44")
-    assert "workers: 1 (multi-worker not built" in text
+    assert "Workers curve: not measured (2 cores here)" in text
+    assert "(machine: 2 cores, AMD EPYC, kernel 6.18.44)" in text
     assert "RSS per flow at 1,000,000 flows" in text and "<= 300 B at 1M: MISSED" in text
     assert "UDP 64 B delivered" in text and ">= 0.60x: MISSED" in text
     assert "0.55x (0.5-0.611)" in text
@@ -352,3 +355,64 @@ def test_process_split_takes_user_and_system_from_the_best_round() -> None:
                                         "process_system_us_per_udp_pkt": 2.0}
     assert bench.process_split({}) == {"process_us_per_udp_pkt": None}
     assert bench.parse_cpu_split("1 (a b) S " + " ".join(str(n) for n in range(4, 53))) == (14, 15)
+
+
+# --------------------------------------------------------------------------- workers curve, py-spy
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 16])
+def test_curve_backends_give_every_worker_two_of_its_own(count: int) -> None:
+    """Each point's load comes from 2 addresses per worker, owned as core/shard.py says."""
+    from gateway.core.shard import backend_owner
+
+    got = workers.pick_backends(count)
+    assert len(got) == len(set(got)) == 2 * count
+    owners = [backend_owner(ip(a), count) for a in got]
+    assert sorted(owners) == sorted(list(range(count)) * 2)
+
+
+def test_curve_config_sets_workers_and_the_pool_and_parses() -> None:
+    """The curve's config names its worker count and its backends as the pool; it loads."""
+    text = workers.curve_config(workers.pick_backends(2), 2, 0)
+    model = parse(text, "curve.toml").model
+    assert "workers = 2" in text and '"10.10.100.1"' in text
+    assert model is not None
+
+
+def test_curve_rows_give_ratio_to_kernel_and_speedup_over_one_worker() -> None:
+    """Per worker count: snatgw / kernel of the same senders, and snatgw / snatgw with one worker."""
+    rows = workers.curve_rows([
+        {"workers": 1, "senders": 2, "udp_pps": 50.0, "kernel_udp_pps": 100.0, "tcp_mbit": 10.0,
+         "kernel_tcp_mbit": 20.0, "cpu_us_per_udp_pkt": 7.0},
+        {"workers": 2, "senders": 4, "udp_pps": 80.0, "kernel_udp_pps": 100.0, "tcp_mbit": None,
+         "kernel_tcp_mbit": 20.0},
+    ])
+    assert rows[1]["udp_pps_ratio"] == pytest.approx(0.8) and rows[1]["udp_pps_speedup"] == pytest.approx(1.6)
+    assert rows[1]["tcp_mbit_ratio"] is None and rows[0]["tcp_mbit_speedup"] == pytest.approx(1.0)
+    text = workers.render_curve({"rows": rows, "notes": ["n"]}, 2)
+    assert "Workers curve (2 cores" in text and "1.60" in text and "note: n" in text
+
+
+def test_report_prints_the_curve_and_the_worker_profile_from_json() -> None:
+    """The curve and py-spy's top functions are part of the report rebuilt from the JSON."""
+    doc = _doc()
+    doc["workers"] = {"rows": workers.curve_rows([{"workers": 1, "senders": 2, "udp_pps": 5.0,
+                                                   "kernel_udp_pps": 10.0}]), "notes": []}
+    doc["worker_profile"] = {"samples": 1000, "rate_hz": 250,
+                             "top": [{"function": "verdicts.VerdictWriter.flush", "share": 0.3}],
+                             "gateway": {"cpu_us_per_packet": 8.0, "user_us_per_packet": 4.0,
+                                         "system_us_per_packet": 4.0}}
+    text = bench.render_report(json.loads(json.dumps(doc)))
+    assert "Workers curve (2 cores" in text
+    assert "30.0%  verdicts.VerdictWriter.flush" in text and "8.00 us CPU per packet" in text
+
+
+def test_py_spy_raw_output_becomes_self_time_per_function() -> None:
+    """The leaf frame of each collapsed stack gets its samples; line numbers are merged."""
+    raw = ("run (gateway/adapters/loop.py:300);receive (gateway/adapters/nfqueue/queue.py:290) 30\n"
+           "run (gateway/adapters/loop.py:300);receive (gateway/adapters/nfqueue/queue.py:301) 10\n"
+           "run (gateway/adapters/loop.py:300);in2out (gateway/core/in2out.py:50) 60\n"
+           "garbage line\n")
+    top = profiler.top_functions(raw)
+    assert top[0] == {"function": "in2out.in2out", "share": 0.6, "samples": 60}
+    assert top[1]["function"] == "queue.receive" and top[1]["samples"] == 40
