@@ -80,6 +80,7 @@ _FIN_BOTH = FIN_IN2OUT | FIN_OUT2IN
 
 _SYN_ACK = TcpFlag.SYN | TcpFlag.ACK
 ICMP = Proto.ICMP
+PROTO_TCP = int(Proto.TCP)
 
 
 def timeout_for(state: int, timeouts: Timeouts, idle: float = 0.0) -> float:
@@ -246,12 +247,14 @@ class Flow:
     ``backend_b`` are shared per address by the table (``_add_flow``).
     """
 
-    __slots__ = (
+    # Out of mypy's sight: it would refuse ``f.trk_ack = ...`` on a ``Flow``, which the
+    # TCP paths do on what is always a TcpFlow there (__new__ sees to it).
+    if not TYPE_CHECKING:
+        __slots__ = (
         "inside_key", "outside_key", "backend_b", "public_b", "backend_port", "public_port", "block",
         "in2out_ip", "in2out_l4", "out2in_ip", "out2in_l4", "created", "last_seen", "timeout",
-        "pkts_out", "pkts_in", "bytes_out", "bytes_in", "wheel_slot", "trk_ack", "trk_win", "trk_isn",
-        "decision", "idle", "_bits",
-    )  # fmt: skip
+        "pkts_out", "pkts_in", "bytes_out", "bytes_in", "wheel_slot", "decision", "idle", "_bits",
+        )  # fmt: skip
 
     inside_key: bytes
     outside_key: bytes
@@ -273,13 +276,11 @@ class Flow:
     bytes_in: int
     #: The timer wheel's slot list holding the flow's current deadline (None: not armed).
     wheel_slot: list[Any] | None
-    #: TCP tracking, learnt only from the backend's own packets so nothing from
-    #: the outside can move it (:func:`in_window`): the last acknowledgement
-    #: number the backend sent, the largest window it advertised (unscaled),
-    #: its SYN's sequence + 1; its window shift is :attr:`trk_scale`.
-    trk_ack: int
-    trk_win: int
-    trk_isn: int
+    #: TCP tracking (:class:`TcpFlow` holds them; a UDP or ICMP flow reads these
+    #: class-level values and has no slots for them).
+    trk_ack: int = UNKNOWN
+    trk_win: int = 0
+    trk_isn: int = UNKNOWN
     #: The security verdict that admitted the flow (docs/model.md, "Security
     #: groups"): evaluated once, when the flow was made; None for a flow made
     #: before the table had a policy. Not saved: a restore evaluates it again.
@@ -287,6 +288,10 @@ class Flow:
     #: The flow's own idle timeout (an LB rule's ``idle_timeout``); 0: the table's.
     idle: float
     _bits: int
+
+    def __new__(cls, *, proto: int, **_kw: Any) -> Flow:
+        """A TCP flow is a :class:`TcpFlow` (three slots more), whoever builds it."""
+        return object.__new__(TcpFlow if cls is Flow and proto == PROTO_TCP else cls)
 
     def __init__(
         self,
@@ -344,14 +349,17 @@ class Flow:
         self.bytes_out = bytes_out
         self.bytes_in = bytes_in
         self.wheel_slot = None
-        self.trk_ack = trk_ack
-        self.trk_win = trk_win
-        self.trk_isn = trk_isn
+        if proto == PROTO_TCP:
+            self.trk_ack = trk_ack
+            self.trk_win = trk_win
+            self.trk_isn = trk_isn
         self.decision = decision
         self.idle = idle
+        # Masked and clamped: a restored value out of its range cannot spill into another field.
         self._bits = INT16[
-            _PROTO_CODE[proto] | scenario << _SCEN_SHIFT | state << _STATE_SHIFT | fins << _FINS_SHIFT
-            | min(trk_scale, MAX_WSCALE) << _SCALE_SHIFT | (_INBOUND if inbound else 0)
+            _PROTO_CODE[proto] | (scenario & 3) << _SCEN_SHIFT | (state & 7) << _STATE_SHIFT
+            | (fins & 3) << _FINS_SHIFT | max(0, min(trk_scale, MAX_WSCALE)) << _SCALE_SHIFT
+            | (_INBOUND if inbound else 0)
         ]  # fmt: skip
 
     def __repr__(self) -> str:
@@ -444,6 +452,16 @@ class Flow:
     @property
     def public_port_b(self) -> bytes:
         return PORT_BYTES[self.public_port]
+
+
+class TcpFlow(Flow):
+    """A TCP flow: the backend's window as the gateway saw it, learnt only from the
+    backend's own packets so nothing from the outside can move it
+    (:func:`in_window`): the last acknowledgement number the backend sent, the
+    largest window it advertised (unscaled), its SYN's sequence + 1 (its window
+    shift is :attr:`Flow.trk_scale`)."""
+
+    __slots__ = ("trk_ack", "trk_win", "trk_isn")
 
 
 def new_flow(
