@@ -24,16 +24,12 @@ their pipes and is merged (:mod:`gateway.merge`).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
 import signal
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from dataclasses import replace
+from multiprocessing.connection import wait
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -43,101 +39,17 @@ from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.run import _PROTOS, STATE_DIR, _cidrs, _ip_arg, host_defaults
 from gateway.adapters.statefile import foreign_files, state_path
-from gateway.adapters.worker import main as worker_main
 from gateway.adapters.worker import queues_of
+from gateway.adapters.workerpool import WorkerHandle, WorkerPool, signal_name
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.core.address import ip_str
 from gateway.core.errors import ModelError
 from gateway.core.shard import Shard, backend_owner
 from gateway.core.table import TranslationTable
 
-#: How long the workers may take to build their tables and bind their queues.
-READY_TIMEOUT = 120.0
-#: How long a worker may take to stop and save its state before it is killed.
-STOP_TIMEOUT = 15.0
-#: How long one request to a worker may take.
-ASK_TIMEOUT = 20.0
 
-
-class WorkerGone(Exception):
-    """The worker's pipe closed (it exited) before it answered."""
-
-
-@dataclass(slots=True, eq=False)
-class WorkerHandle:
-    """The supervisor's side of one worker: its process, its pipe and the requests in
-    flight on it (answered by id, so a late answer never reaches the wrong caller)."""
-
-    index: int
-    process: BaseProcess
-    conn: Connection
-    pid: int = 0
-    queues: list[int] = field(default_factory=list)
-    final: dict[str, Any] | None = None
-    _pending: dict[int, list[Any]] = field(default_factory=dict)
-    _next: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _gone: bool = False
-    #: Set once the pipe reached EOF (after the worker's last message, ``stopped``).
-    closed: threading.Event = field(default_factory=threading.Event)
-
-    def start_reader(self) -> None:
-        threading.Thread(target=self._read, name=f"snatgw-pipe-{self.index}", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            if msg[0] == "stopped":
-                self.final = msg[1]
-                continue
-            req_id, ok, value = msg
-            with self._lock:
-                waiter = self._pending.pop(req_id, None)
-            if waiter is not None:
-                waiter[1:] = [ok, value]
-                waiter[0].set()
-        with self._lock:
-            self._gone = True
-            for waiter in self._pending.values():
-                waiter[0].set()
-            self._pending.clear()
-        self.closed.set()
-
-    def send(self, command: str, args: dict[str, Any] | None = None) -> list[Any]:
-        """Send one request; returns its waiter (event, ok, value)."""
-        waiter: list[Any] = [threading.Event(), False, f"worker {self.index} is gone"]
-        with self._lock:
-            if self._gone:
-                waiter[0].set()
-                return waiter
-            self._next += 1
-            req_id = self._next
-            self._pending[req_id] = waiter
-            try:
-                self.conn.send((req_id, command, args or {}))
-            except (OSError, ValueError):
-                self._pending.pop(req_id, None)
-                waiter[0].set()
-        return waiter
-
-    def result(self, waiter: list[Any], timeout: float = ASK_TIMEOUT) -> Any:
-        if not waiter[0].wait(timeout):
-            raise TimeoutError(f"worker {self.index} did not answer")
-        if not waiter[1]:
-            raise RequestError(f"worker {self.index}: {waiter[2]}")
-        return waiter[2]
-
-
-def _signal_name(code: int | None) -> dict[str, Any]:
-    if code is not None and code < 0:
-        try:
-            return {"signal": signal.Signals(-code).name}
-        except ValueError:
-            return {"signal": -code}
-    return {"exit_code": code}
+class _StoppedEarly(Exception):
+    """SIGTERM or SIGINT before every worker was ready."""
 
 
 class Supervisor:
@@ -162,13 +74,15 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.publics = list(cfg.model.public_addresses())
         self.tcp_queue = cfg.queue + 1
-        self.workers: list[WorkerHandle] = []
         self.stopping = False
         self.hup = False
         self._reload_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self.pool = WorkerPool(cfg, log, self._wake_r, (self._wake_r, self._wake_w))
+        self.workers = self.pool.workers
+        self.ask_all = self.pool.ask_all
 
     def _overridden(self, cfg: GatewayConfig) -> GatewayConfig:
         if self.control_override is None:
@@ -187,78 +101,6 @@ class Supervisor:
     def _on_hup(self, *_: Any) -> None:
         self.hup = True
 
-    # ------------------------------------------------------------------ workers
-
-    def _fork(self) -> None:
-        """Fork the workers (no thread runs yet, so the children inherit a quiet process)."""
-        ctx = multiprocessing.get_context("fork")
-        parent = os.getpid()
-        for i in range(self.count):
-            mine, theirs = ctx.Pipe(duplex=True)
-            inherited = [h.conn for h in self.workers] + [self._wake_r, self._wake_w]
-            proc = ctx.Process(
-                target=_child, name=f"snatgw-worker-{i}", daemon=True,
-                args=(self.cfg, i, self.count, theirs, inherited, self.log, parent),
-            )  # fmt: skip
-            sys.stdout.flush()
-            sys.stderr.flush()
-            proc.start()
-            theirs.close()
-            self.workers.append(WorkerHandle(i, proc, mine, pid=proc.pid or 0))
-
-    def _await_ready(self) -> None:
-        """Each worker's ready message; RuntimeError when one fails, dies or takes too long."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        waiting = {h.conn: h for h in self.workers}
-        while waiting:
-            if self.stopping:
-                raise RuntimeError("stopped while the workers were starting")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"workers {sorted(h.index for h in waiting.values())} not ready "
-                                   f"within {READY_TIMEOUT:g} s")  # fmt: skip
-            sentinels = {h.process.sentinel: h for h in waiting.values()}
-            for obj in wait([*waiting, *sentinels, self._wake_r], min(left, 0.5)):
-                if obj is self._wake_r:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                    continue
-                h = waiting.get(obj) if isinstance(obj, Connection) else sentinels.get(obj)  # type: ignore[arg-type]
-                if h is None or h.conn not in waiting:
-                    continue
-                try:
-                    kind, info = h.conn.recv()
-                except (EOFError, OSError):
-                    h.process.join(1)
-                    raise RuntimeError(f"worker {h.index} exited while starting "
-                                       f"({_signal_name(h.process.exitcode)})") from None  # fmt: skip
-                if kind != "ready":
-                    raise RuntimeError(f"worker {h.index}: {info.get('error')}")
-                h.pid, h.queues = info["pid"], info["queues"]
-                del waiting[h.conn]
-        for h in self.workers:
-            h.start_reader()
-
-    def ask_all(self, command: str, args: dict[str, Any] | None = None) -> list[Any]:
-        """Every worker's answer to one request, asked of all at once."""
-        waiters = [(h, h.send(command, args)) for h in self.workers]
-        return [h.result(w) for h, w in waiters]
-
-    def _stop_workers(self) -> None:
-        """Tell each live worker to stop (it saves its state), kill it after the bound."""
-        for h in self.workers:
-            if h.process.is_alive():
-                h.send("stop")
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for h in self.workers:
-            h.process.join(max(0.0, deadline - time.monotonic()))
-            if h.process.is_alive():
-                self.log.error("worker_killed", worker=h.index, pid=h.pid,
-                               problem=f"did not stop within {STOP_TIMEOUT:g} s")  # fmt: skip
-                h.process.kill()
-                h.process.join(5)
-            h.closed.wait(2)  # its last message (final counters) read before its pipe's EOF
-
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
@@ -276,8 +118,9 @@ class Supervisor:
         control = None
         set_up = False
         try:
-            self._fork()
-            self._await_ready()
+            self.pool.fork()
+            if not self.pool.await_ready(lambda: self.stopping):
+                raise _StoppedEarly
             control = self.control = ControlServer(
                 cfg.control_socket, self.handle_request, cfg.control_group, cfg.control_mode,
                 cfg.control_max_clients,
@@ -305,19 +148,21 @@ class Supervisor:
             self._check_probe_source(cfg)
             self.ask_all("start")
             died = self._watch()
+        except _StoppedEarly:
+            pass  # SIGTERM while the workers started: nothing on the host to undo
         finally:
             if died is None and set_up and not self.stopping:
                 died = next((h for h in self.workers if not h.process.is_alive()), None)
                 if died is not None:  # it died while the rest was being set up
                     self.log.error("worker_died", worker=died.index, pid=died.pid,
-                                   **_signal_name(died.process.exitcode))  # fmt: skip
+                                   **signal_name(died.process.exitcode))  # fmt: skip
             if died is not None:
                 # Fail closed at once: no public address is local while nothing queues it,
                 # then the guard replaces every rule (docs/kernel.md, "Guard").
                 system.remove_addresses(cfg.outside, self.publics)
                 guarded = iptables.guard(cfg.inside, cfg.outside)
                 self.log.error("gateway_failed_closed", worker=died.index, guard=guarded)
-            self._stop_workers()
+            self.pool.stop()
             if set_up:
                 if died is None:
                     system.remove_addresses(cfg.outside, self.publics)
@@ -354,7 +199,7 @@ class Supervisor:
                 h.process.join(1)
                 if self.stopping:
                     return None
-                self.log.error("worker_died", worker=h.index, pid=h.pid, **_signal_name(h.process.exitcode))
+                self.log.error("worker_died", worker=h.index, pid=h.pid, **signal_name(h.process.exitcode))
                 return h
             if self.hup:
                 self.hup = False
@@ -532,16 +377,3 @@ def _proto(request: dict[str, Any]) -> int | None:
     if proto is None:
         raise RequestError(f"proto: {name!r} is not one of tcp, udp, icmp")
     return proto
-
-
-def _child(
-    cfg: GatewayConfig,
-    index: int,
-    count: int,
-    conn: Connection,
-    inherited: list[Any],
-    log: FilteringBoundLogger,
-    parent: int,
-) -> None:
-    """The forked worker: its exit code is the worker's."""
-    sys.exit(worker_main(cfg, index, count, conn, inherited, log, parent))
