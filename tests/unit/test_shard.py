@@ -354,3 +354,28 @@ def test_blocks_of_every_worker_lie_in_its_slice() -> None:
             lo, hi = slice_ports(owner, n)
             assert all(lo <= c << CHUNK_SHIFT <= hi for c in block.chunks)
         gw.check()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(COUNTS), st.sets(st.sampled_from(WEB)), st.lists(st.integers(1, 254), max_size=8))
+def test_lb_flows_go_only_to_healthy_members_whichever_are_down(
+    n: int, down: set[str], clients: list[int]
+) -> None:
+    """With any members down, a new connection goes to a healthy member at its owner (or
+    is dropped when none is up) and the client's next packet reaches that worker."""
+    gw = Gateway(n)
+    for t in gw.tables:
+        for m in down:
+            t.probe_result(PROBE.name, ip(m), False, 0.5)
+    for i, c in enumerate(clients):
+        client = f"192.0.2.{c}"
+        syn = tcp(client, FE_WEB, 10000 + i, 80)
+        w, v = gw.send("out2in", syn)
+        if len(down) == len(WEB):
+            assert v != ACCEPT_MODIFIED_MARK
+            continue
+        member = describe(syn).dst
+        assert v == ACCEPT_MODIFIED_MARK and member not in down and w == backend_owner(ip(member), n)
+        ack = tcp(client, FE_WEB, 10000 + i, 80, "A", seq=1, ack=1)
+        assert gw.send("out2in", ack) == (w, ACCEPT_MODIFIED_MARK)
+    gw.check()
