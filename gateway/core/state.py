@@ -10,6 +10,7 @@ job is a class in a module of its own, and each calls only the jobs below it:
 ``reconfigure``       reload, tier moves, excluded ports, idle release
 ``placement``         which backend a new inside source is, standalone placement
 ``inbound``           flows opened from the outside, member health
+``dispatch``          with several workers: the owner of a packet without a flow
 ``icmp_error``        ICMP errors about a flow, both ways
 ``in2out``            the per-packet path from a backend to the outside
 ``out2in``            the per-packet path back to a backend
