@@ -31,7 +31,7 @@ from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.loop import PacketLoop
 from gateway.adapters.prober import Prober
-from gateway.adapters.statefile import StateSaver, state_path
+from gateway.adapters.statefile import StateSaver, foreign_files, state_path
 from gateway.adapters.statefile import restore as restore_state
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.core import views
@@ -98,6 +98,9 @@ class Gateway:
         self.table = TranslationTable(cfg.model, self.started)
         # Flows of the last run keep their ports (README, "Restarts and upgrades").
         restore_state(self.table, state_path(cfg.state_file), log)
+        for path in foreign_files(state_path(cfg.state_file), 1):
+            log.info("state_ignored", path=str(path), workers=1,
+                     reason="written by a gateway with another worker count")  # fmt: skip
         self.table.announce_blocks()  # the port-block log says what the restored table holds
         self.publics = list(cfg.model.public_addresses())
         self.tcp_queue = cfg.queue + 1 if cfg.queue_client == "netlink" else None
