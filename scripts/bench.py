@@ -705,9 +705,9 @@ def render_spy(spy: dict[str, Any] | None) -> str:
     if spy.get("error"):
         return f"Where one worker's time goes (py-spy): failed: {spy['error']}"
     g = spy.get("gateway") or {}
-    head = (f"Where one worker's time goes under the UDP 64 B load (workers = 1, py-spy "
-            f"{spy.get('rate_hz', '?')} Hz, {spy.get('samples', 0):,} samples, self time; a "
-            "syscall's kernel time counts for the Python function that made it)")
+    head = (f"Where one worker's Python time goes under the UDP 64 B load (workers = 1, py-spy "
+            f"{spy.get('rate_hz', '?')} Hz, {spy.get('samples', 0):,} samples holding the GIL, self "
+            "time; the kernel's share, syscalls and the forwarding they carry, is the system figure)")
     if g.get("cpu_us_per_packet") is not None:
         head += (f"; that run: {g['cpu_us_per_packet']:.2f} us CPU per packet (user "
                  f"{g['user_us_per_packet']:.2f}, system {g['system_us_per_packet']:.2f})")

@@ -71,27 +71,34 @@ def top_functions(collapsed: str, n: int = 12) -> list[dict[str, Any]]:
     return [{"function": f, "share": c / total, "samples": c} for f, c in leaves.most_common(n)]
 
 
-def profile_gateway(pid: int, seconds: float, *, native: bool = False, rate: int = 250) -> dict[str, Any]:
+def profile_gateway(pid: int, seconds: float, *, native: bool = False, rate: int = 250,
+                    raw: str = "", gil: bool = True) -> dict[str, Any]:
     """``py-spy record`` on ``pid`` for ``seconds``: the top functions by self time.
 
     ``--nonblocking``: the gateway is not paused per sample (its figures stay those of
-    an unprofiled run, at the price of a few torn stacks).  Idle time (``select``) is
-    not sampled.
+    an unprofiled run, at the price of a few torn stacks).  ``--gil``: only samples of a
+    thread holding the GIL, i.e. Python and the C it runs; py-spy's idle detection did
+    not work on the bench VM (a loop waiting in epoll and the control threads waiting
+    counted as busy), and a thread in a socket syscall releases the GIL, so the kernel's
+    share is read from /proc (stime) instead.  ``raw``: also keep py-spy's collapsed
+    stacks (with line numbers) in that file.
     """
     spy = py_spy()
     if spy is None:
         return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
         argv = [spy, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate),
-                "-f", "raw", "-o", out.name, "--nonblocking"]
+                "-f", "raw", "-o", out.name, "--nonblocking"] + (["--gil"] if gil else [])
         if native:
             argv.append("--native")
         res = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False)
         text = Path(out.name).read_text(errors="replace")
+    if raw:
+        Path(raw).write_text(text)
     if res.returncode != 0 or not text.strip():
         return {"error": f"py-spy exited {res.returncode}: {res.stderr.decode(errors='replace')[-300:]}"}
     leaves, total = self_times(text)
-    return {"samples": total, "rate_hz": rate, "seconds": seconds, "native": native,
+    return {"samples": total, "rate_hz": rate, "seconds": seconds, "native": native, "gil_only": gil,
             "top": [{"function": f, "share": c / total} for f, c in leaves.most_common(12)]}
 
 
@@ -124,7 +131,8 @@ def run(args: argparse.Namespace, bench: Any) -> dict[str, Any]:
         if args.spy:
             def spy() -> None:
                 time.sleep(0.5)
-                prof.update(profile_gateway(gw.pid, args.duration - 1.0, native=args.native))
+                prof.update(profile_gateway(gw.pid, args.duration - 1.0, native=args.native,
+                                            raw=getattr(args, "raw", "")))
 
             t = threading.Thread(target=spy)
             t.start()
@@ -133,9 +141,18 @@ def run(args: argparse.Namespace, bench: Any) -> dict[str, Any]:
             perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-p", str(gw.pid),
                                      "-o", args.perf, "--", "sleep", str(args.duration - 1.0)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        elif getattr(args, "syscalls", False):  # how many packets one wake-up handles
+            events = ",".join(f"syscalls:sys_enter_{c}" for c in ("epoll_wait", "recvfrom", "sendmsg"))
+            perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", str(gw.pid), "--",
+                                     "sleep", str(args.duration - 1.0)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         r = bench.measured(gw, lambda: bench.run_load("udp_pps", lab, src, ns))
         if perf is not None:
-            perf.wait(timeout=30)
+            _, err = perf.communicate(timeout=30)
+            if err:
+                out_sys = {ln.split(",")[2].rsplit("_", 1)[-1]: int(ln.split(",")[0])
+                           for ln in err.decode().splitlines() if ln.count(",") >= 3 and ln[0].isdigit()}
+                prof["syscalls"] = out_sys
         if args.spy:
             t.join()
         out = {"udp": {k: r[k] for k in ("delivered_pps", "sent_pps")}, "gateway": r["gateway"],
@@ -159,9 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--setup", choices=tuple(bench.SETUPS), default="default")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--raw", default="", help="keep py-spy's collapsed stacks in this file")
     p.add_argument("--no-spy", dest="spy", action="store_false", help="CPU per packet only")
     p.add_argument("--extra", action="append", default=[], help="a [gateway] line to add")
     p.add_argument("--perf", default="", help="also perf record -g the gateway into this file")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count epoll_wait, recvfrom, sendmsg of the gateway (perf stat)")
     p.add_argument("--gw-cmd", action="append", default=[], help="command to run in the gateway netns first")
     p.add_argument("--wrap", default="", help="run this Python file instead of snatgw (experiments)")
     p.add_argument("--prefix", default="prof")
@@ -177,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof = out.get("profile") or {}
     if prof.get("error"):
         print(f"profile: {prof['error']}")
+    if prof.get("syscalls"):
+        print(f"syscalls: {prof['syscalls']}")
     for t in prof.get("top", []):
         print(f"  {t['share']:6.1%}  {t['function']}")
     if args.json:
