@@ -39,7 +39,7 @@ from gateway.adapters import iptables, system
 from gateway.adapters.control import ControlServer, RequestError
 from gateway.adapters.run import _PROTOS, STATE_DIR, _cidrs, _ip_arg, host_defaults
 from gateway.adapters.statefile import foreign_files, state_path
-from gateway.adapters.worker import queues_of
+from gateway.adapters.worker import RECONFIGURE_TIMEOUT, queues_of
 from gateway.adapters.workerpool import WorkerHandle, WorkerPool, signal_name
 from gateway.config import ConfigError, GatewayConfig, load
 from gateway.core.address import ip_str
@@ -280,7 +280,7 @@ class Supervisor:
                 cfg.inside, cfg.outside, cfg.queue, publics, self.tcp_queue,
                 probes=bool(new.model.probes), workers=self.count, owners=self.owners(new),
             )  # fmt: skip
-            summaries = self.ask_all("reconfigure", {"config": new})
+            summaries = self.ask_all("reconfigure", {"config": new}, RECONFIGURE_TIMEOUT)
             system.add_addresses(cfg.outside, added)
         except (OSError, RuntimeError, ModelError, TimeoutError) as e:
             iptables.apply(
@@ -288,7 +288,7 @@ class Supervisor:
                 probes=bool(cfg.model.probes), workers=self.count, owners=self.owners(cfg),
             )  # fmt: skip
             with contextlib.suppress(Exception):  # back to the old model where the new one went
-                self.ask_all("reconfigure", {"config": cfg})
+                self.ask_all("reconfigure", {"config": cfg}, RECONFIGURE_TIMEOUT)
             system.remove_addresses(cfg.outside, added)
             system.add_addresses(cfg.outside, gone)
             return self._reject(source, "(system)", str(e))

@@ -38,6 +38,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -55,6 +56,8 @@ from gateway.core.table import TranslationTable
 
 #: prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
+#: How long a reload's reconfigure may hold the loop (the supervisor waits as long).
+RECONFIGURE_TIMEOUT = 120.0
 
 
 def die_with_parent(parent: int) -> bool:
@@ -97,7 +100,7 @@ class Worker:
         )
         self.prober = Prober(self._probe_report, cfg.model.probe_source)
 
-    def state_file(self) -> Any:
+    def state_file(self) -> Path | None:
         return worker_path(state_path(self.cfg.state_file), self.index, self.count)
 
     def _probe_report(self, probe: str, member: int, ok: bool) -> None:
@@ -197,7 +200,7 @@ class Worker:
         if command == "metrics":
             return call(self._metrics)
         if command == "reconfigure":
-            return call(lambda: self._reconfigure(args["config"]))
+            return call(lambda: self._reconfigure(args["config"]), RECONFIGURE_TIMEOUT)
         raise ValueError(f"unknown worker command {command!r}")
 
     def _members(self) -> dict[str, list[str]]:

@@ -200,10 +200,13 @@ class WorkerPool:
             h.start_reader()
         return True
 
-    def ask_all(self, command: str, args: dict[str, Any] | None = None) -> list[Any]:
+    def ask_all(
+        self, command: str, args: dict[str, Any] | None = None, timeout: float = ASK_TIMEOUT
+    ) -> list[Any]:
         """Every worker's answer to one request, asked of all at once."""
         waiters = [(h, h.send(command, args)) for h in self.workers]
-        return [h.result(w) for h, w in waiters]
+        deadline = time.monotonic() + timeout
+        return [h.result(w, max(0.0, deadline - time.monotonic())) for h, w in waiters]
 
     def stop(self) -> None:
         """Tell each live worker to stop (it saves its state), kill it after the bound."""
