@@ -28,6 +28,7 @@ import struct
 import sys
 import time
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +42,54 @@ from gateway.core.table import TranslationTable  # noqa: E402
 BACKENDS = 16
 #: Destinations per backend (100.64.x.y), each on port 443; source ports vary slowest.
 DESTS = 4096
+#: ``--pat``: standalone backends 10.10.2.<i> on four default SNAT addresses (16 each:
+#: 1024-port blocks), 16 destinations each, so a million flows fit their blocks.
+PAT_BACKENDS = 64
+PAT_DESTS = 16
 SPORT0 = 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NOW0 = 1000.0
 
 
-def model_toml(backends: int, cap: int) -> str:
-    """A config with ``backends`` instance IPs and flow caps above ``cap``."""
-    text = f"""\
+@dataclass(frozen=True)
+class Layout:
+    """Which backends and destinations the synthetic flows use."""
+
+    pat: bool = False
+
+    @property
+    def backends(self) -> int:
+        return PAT_BACKENDS if self.pat else BACKENDS
+
+    @property
+    def dests(self) -> int:
+        return PAT_DESTS if self.pat else DESTS
+
+    def toml(self, cap: int) -> str:
+        """A config with the backends' public addresses and flow caps above ``cap``."""
+        text = f"""\
 [gateway]
 inside = "in0"
 outside = "out0"
+address_space = ["10.10.0.0/16"]
 max_flows = {cap}
 max_flows_per_backend = {cap}
 """
-    for i in range(1, backends + 1):
-        text += f'\n[[instance_ips]]\nprivate = "10.10.1.{i}"\npublic = "198.51.100.{i}"\n'
-    return text
+        if self.pat:
+            ips = ", ".join(f'"198.51.100.{30 + k}"' for k in range(4))
+            return text + f"\n[default_snat]\nips = [{ips}]\n"
+        for i in range(1, self.backends + 1):
+            text += f'\n[[instance_ips]]\nprivate = "10.10.1.{i}"\npublic = "198.51.100.{i}"\n'
+        return text
+
+    def flow(self, i: int) -> tuple[bytes, bytes, int]:
+        """(backend, destination, source port) of synthetic flow ``i``: backends vary
+        fastest, then destinations, then source ports."""
+        b = i % self.backends
+        j = i // self.backends
+        d = j % self.dests
+        src = bytes((10, 10, 2 if self.pat else 1, b + 1))
+        return src, bytes((100, 64, d >> 8, d & 255)), SPORT0 + j // self.dests
 
 
 def rss_bytes() -> int:
@@ -82,16 +114,7 @@ def udp_packet(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes = 
     return ip + udp[:6] + struct.pack("!H", c) + udp[8:]
 
 
-def flow_tuple(i: int) -> tuple[bytes, bytes, int]:
-    """(backend, destination, source port) of synthetic flow ``i``: backends vary
-    fastest, then destinations, then source ports."""
-    b = i % BACKENDS
-    j = i // BACKENDS
-    d = j % DESTS
-    return bytes((10, 10, 1, b + 1)), bytes((100, 64, d >> 8, d & 255)), SPORT0 + j // DESTS
-
-
-def fill(table: TranslationTable, start: int, stop: int, batch: int = 1) -> None:
+def fill(table: TranslationTable, layout: Layout, start: int, stop: int, batch: int = 1) -> None:
     """Open flows ``start`` to ``stop`` with one first packet each, one packet
     buffer reused (a packet's buffer must not count as the flow's memory); a
     new ``now`` per ``batch`` packets (1, the default, is the worst case: no two
@@ -101,7 +124,7 @@ def fill(table: TranslationTable, start: int, stop: int, batch: int = 1) -> None
     tmpl = bytes(buf)
     now = NOW0 + start * 1e-6
     for i in range(start, stop):
-        src, dst, sport = flow_tuple(i)
+        src, dst, sport = layout.flow(i)
         buf[:] = tmpl
         buf[12:16] = src
         buf[16:20] = dst
@@ -131,23 +154,27 @@ def time_hit(fn: Any, tmpl: bytes, n: int, repeats: int) -> float:
     return best * 1e9
 
 
-def hit_packets() -> tuple[bytes, bytes]:
-    """A packet of flow 0 and its reply (an instance IP keeps the source port)."""
-    src, dst, sport = flow_tuple(0)
-    public = bytes((198, 51, 100, src[3]))
-    return bytes(udp_packet(src, dst, sport, 443)), bytes(udp_packet(dst, public, 443, sport))
+def hit_packets(table: TranslationTable, layout: Layout) -> tuple[bytes, bytes]:
+    """A packet of flow 0 and its reply to the public address and port ``table`` gave it."""
+    src, dst, sport = layout.flow(0)
+    out_pkt = bytes(udp_packet(src, dst, sport, 443))
+    buf = bytearray(out_pkt)
+    table.in2out(buf, NOW0)
+    public, port = bytes(buf[12:16]), buf[20] << 8 | buf[21]
+    return out_pkt, bytes(udp_packet(dst, public, 443, port))
 
 
 def per_packet(
-    small: TranslationTable, big: TranslationTable, n: int, repeats: int
+    small: TranslationTable, big: TranslationTable, layout: Layout, n: int, repeats: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """ns per hit of flow 0 in ``small`` and in ``big``: rounds interleaved (small,
     big, small, big, ...) and the best of each kept, so that load from other
     processes weighs on both alike."""
-    out_pkt, back_pkt = hit_packets()
+    pkts = [hit_packets(small, layout), hit_packets(big, layout)]
     res: list[dict[str, float]] = [{}, {}]
     for _ in range(repeats):
         for k, t in enumerate((small, big)):
+            out_pkt, back_pkt = pkts[k]
             for name, fn, pkt in (("in2out_ns", t.in2out, out_pkt), ("out2in_ns", t.out2in, back_pkt)):
                 ns = time_hit(fn, pkt, n, 1)
                 res[k][name] = round(min(res[k].get(name, ns), ns))
@@ -155,27 +182,28 @@ def per_packet(
 
 
 def measure(
-    targets: list[int], iterations: int = 200_000, repeats: int = 5, batch: int = 1
+    targets: list[int], iterations: int = 200_000, repeats: int = 5, batch: int = 1, pat: bool = False
 ) -> dict[str, Any]:
     """RSS per flow at each of ``targets`` live flows and per-packet cost with
     one flow and with the largest target; a dict (what ``--json`` prints)."""
     targets = sorted(targets)
     top = targets[-1]
-    model = parse(model_toml(BACKENDS, 2 * top + 16), "flowmem.toml").model
+    layout = Layout(pat)
+    model = parse(layout.toml(2 * top + 16), "flowmem.toml").model
     table = TranslationTable(model, NOW0)
     small = TranslationTable(model, NOW0)
-    fill(small, 0, 1)
+    fill(small, layout, 0, 1)
     gc.collect()
-    out: dict[str, Any] = {"python": sys.version.split()[0], "backends": BACKENDS, "batch": batch,
-                           "checkpoints": []}
-    fill(table, 0, 1)
+    out: dict[str, Any] = {"python": sys.version.split()[0], "backends": layout.backends, "batch": batch,
+                           "pat": pat, "checkpoints": []}
+    fill(table, layout, 0, 1)
     gc.collect()
     base = rss_bytes()
     out["rss_base"] = base
     done = 1
     for target in targets:
         t0 = time.perf_counter()
-        fill(table, done, target, batch)
+        fill(table, layout, done, target, batch)
         fill_s = time.perf_counter() - t0
         done = target
         gc.collect()
@@ -185,20 +213,21 @@ def measure(
             "flows": live, "rss": rss, "bytes_per_flow": round((rss - base) / max(1, live - 1)),
             "new_flow_us": round(fill_s / max(1, target - 1) * 1e6 if target > 1 else 0.0, 2),
         })
-    out["one_flow"], out["all_flows"] = per_packet(small, table, iterations, repeats)
+    out["one_flow"], out["all_flows"] = per_packet(small, table, layout, iterations, repeats)
     out["all_flows"]["flows"] = table.flow_count()
     return out
 
 
-def breakdown(n: int) -> dict[str, Any]:
+def breakdown(n: int, pat: bool = False) -> dict[str, Any]:
     """Where the bytes of ``n`` flows go: tracemalloc by source line."""
-    model = parse(model_toml(BACKENDS, 2 * n + 16), "flowmem.toml").model
+    layout = Layout(pat)
+    model = parse(layout.toml(2 * n + 16), "flowmem.toml").model
     table = TranslationTable(model, NOW0)
-    fill(table, 0, 1)
+    fill(table, layout, 0, 1)
     gc.collect()
     tracemalloc.start(1)
     before = tracemalloc.take_snapshot()
-    fill(table, 1, n + 1)
+    fill(table, layout, 1, n + 1)
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
@@ -223,10 +252,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--breakdown", type=int, default=0, metavar="N")
     ap.add_argument("--batch", type=int, default=1, help="new flows per clock reading (default 1)")
+    ap.add_argument("--pat", action="store_true",
+                    help="PAT flows of standalone backends on default SNAT addresses (not instance IPs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.breakdown:
-        res = breakdown(args.breakdown)
+        res = breakdown(args.breakdown, args.pat)
         if args.json:
             print(json.dumps(res))
             return 0
@@ -234,7 +265,7 @@ def main() -> int:
         for r in res["lines"]:
             print(f"{r['bytes']:8.1f} B {r['blocks']:6.2f} blocks  {r['where']}")
         return 0
-    res = measure(args.flows, args.iterations, args.repeats, args.batch)
+    res = measure(args.flows, args.iterations, args.repeats, args.batch, args.pat)
     if args.json:
         print(json.dumps(res))
         return 0
