@@ -97,3 +97,53 @@ def test_stale_entries_stay_bounded_under_rearms_and_cancels() -> None:
     fired = w.advance(10000.0)
     assert sorted(map(id, fired)) == sorted(map(id, keep))
     assert w.count == 0
+
+
+@settings(deadline=None, max_examples=80)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 7), st.sampled_from(["arm", "cancel", "advance"]), st.floats(0.2, 600.0)),
+        min_size=1,
+        max_size=80,
+    ),
+    st.integers(0, 3),
+)
+def test_rearms_cancels_and_sweeps_fire_each_armed_entry_once_at_its_last_deadline(
+    ops: list[tuple[int, str, float]], floor: int
+) -> None:
+    """Any mix of arming, re-arming, cancelling and advancing, with sweeps as often as
+    every few stale places: an entry fires once, not before its latest deadline and
+    within a tick of it (or of the step that passed it), and a cancelled one never."""
+    import gateway.core.wheel as wheel_mod
+
+    saved = wheel_mod.SWEEP_FLOOR
+    wheel_mod.SWEEP_FLOOR = floor
+    try:
+        w = TimerWheel(now=0.0)
+        entries = [Entry(0.0) for _ in range(8)]
+        due: dict[int, float] = {}
+        now = 0.0
+        for k, op, x in ops:
+            e = entries[k]
+            if op == "arm":
+                e.when = now + x
+                w.schedule(e, e.when)
+                due[k] = e.when
+            elif op == "cancel":
+                w.cancel(e)
+                due.pop(k, None)
+            else:
+                step = min(x, 50.0)
+                now += step
+                for f in w.advance(now):
+                    j = entries.index(f)
+                    assert j in due, "fired while not armed"
+                    assert due[j] <= now + 1e-9
+                    assert now - due.pop(j) <= step + w.tick + 1e-9
+            assert w.count == len(due)
+        now += 1e6
+        fired = [entries.index(f) for f in w.advance(now)]
+        assert sorted(fired) == sorted(due)
+        assert w.count == 0
+    finally:
+        wheel_mod.SWEEP_FLOOR = saved
