@@ -267,7 +267,8 @@ class FlowLifecycle(TableState):
         "Flow caps"; RFC 6888 REQ-5).
 
         At ``max_flows_per_backend`` the backend's oldest flow without a reply
-        makes room. At ``max_flows`` room is made in the backend holding the
+        makes room. At ``max_flows`` (a worker's share of it: ``max_flows / N``,
+        docs/decisions.md "Workers") room is made in the backend holding the
         most flows, not the newcomer's, so one backend's flood cannot starve
         the others; failing that, in the newcomer's own. Otherwise refused.
         """
@@ -277,7 +278,9 @@ class FlowLifecycle(TableState):
                 return True
             self._refuse(be, proto, "backend", model.max_flows_per_backend, now)
             return False
-        if self.flows_live < model.max_flows:
+        # With N workers each holds its share of the cap (its own table is all it sees).
+        cap = -(-model.max_flows // self.shard.count)
+        if self.flows_live < cap:
             return True
         hog = self._hog
         if hog is None or now - self._hog_at >= HOG_RESCAN or hog.flow_count < be.flow_count:
@@ -285,7 +288,7 @@ class FlowLifecycle(TableState):
             self._hog_at = now
         if self._early_drop(hog, now) or (hog is not be and self._early_drop(be, now)):
             return True
-        self._refuse(be, proto, "global", model.max_flows, now)
+        self._refuse(be, proto, "global", cap, now)
         return False
 
     def _early_drop(self, be: Backend, now: float) -> bool:

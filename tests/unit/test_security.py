@@ -771,9 +771,13 @@ def test_compiled_equals_naive(
 
 
 def internet_sample(m: GatewayModel) -> list[int]:
-    """One address on each side of every edge the generated rules and tags can have, outside the space."""
+    """One address on each side of every edge the generated rules and tags can have, outside the space
+    (0.0.0.0 too when it is not the probe source: ``probe_source = 0`` means none)."""
     near = {a for x in [*ADDRS, PROBE] for a in (x - 1, x, x + 1, x + 2) if 0 <= a <= 0xFFFFFFFF}
-    return sorted(a for a in near if a != m.probe_source and not any(s <= a <= e for s, e in m.address_space))
+    return sorted(
+        a for a in near
+        if (a != m.probe_source or not m.probe_source) and not any(s <= a <= e for s, e in m.address_space)
+    )
 
 
 PORT_SAMPLE = sorted({q for x in PORTS for q in (x, x + 1) if q <= 65535})
