@@ -1,0 +1,282 @@
+"""Review of the workers design (issue 11): the steering rules iptables.py renders,
+evaluated rule by rule by a small interpreter on real packet bytes, send every packet
+where the core's ownership functions (gateway.core.shard) and the test_shard harness say;
+and the gateway of N tables stays one gateway when driven through those rendered rules."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+from dataclasses import dataclass
+from random import Random
+
+import pytest
+
+from gateway.adapters.iptables import ruleset
+from gateway.adapters.kernel import Mark
+from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from gateway.core.shard import backend_owner, port_owner
+from gateway.core.verdict import Verdict
+from tests.unit.conftest import echo, ip, tcp, udp
+from tests.unit.test_shard import BACKENDS, DEFAULTS, FE_API, FE_WEB, INST_PUBLIC, Gateway, reply_to
+from tests.unit.test_shard_paths import icmp_error
+
+IN, OUT, QUEUE = "in0", "out0", 10
+COUNTS = (2, 3, 4, 16)
+
+
+def _u32(expr: str, pkt: bytes) -> bool:
+    """One ``-m u32 --u32`` test (xt_u32 semantics: read a word, shift/mask, ``@`` moves
+    the base to the value so far), with ``v1,v2`` and ``lo:hi`` value lists."""
+    loc, _, values = expr.partition("=")
+    base, val = 0, 0
+    for k, part in enumerate(loc.split("@")):
+        if k:
+            base += val
+        tokens = re.findall(r"(>>|<<|&|^)(0x[0-9a-fA-F]+|\d+)", part)
+        first = int(tokens[0][1], 0)
+        if base + first + 4 > len(pkt):
+            return False
+        val = int.from_bytes(pkt[base + first : base + first + 4], "big")
+        for op, num in tokens[1:]:
+            n = int(num, 0)
+            val = val >> n if op == ">>" else (val << n) & 0xFFFFFFFF if op == "<<" else val & n
+    for item in values.split(","):
+        lo, _, hi = item.partition(":")
+        if int(lo, 0) <= val <= int(hi or lo, 0):
+            return True
+    return False
+
+
+@dataclass
+class Pkt:
+    """A packet at a mangle hook: its bytes, interfaces and mark."""
+
+    data: bytes
+    iif: str | None
+    oif: str | None
+    mark: int = 0
+    local_dst: bool = False
+
+
+def _match(opts: list[str], p: Pkt) -> bool:
+    d = p.data
+    ihl = (d[0] & 15) * 4
+    proto = d[9]
+    i = 0
+    neg = False
+    while i < len(opts):
+        o = opts[i]
+        if o == "!":
+            neg = True
+            i += 1
+            continue
+        ok = True
+        if o == "-i":
+            ok, i = p.iif == opts[i + 1], i + 2
+        elif o == "-o":
+            ok, i = p.oif == opts[i + 1], i + 2
+        elif o in ("-d", "-s"):
+            addr = d[16:20] if o == "-d" else d[12:16]
+            ok, i = addr == ip(opts[i + 1].split("/")[0]).to_bytes(4, "big"), i + 2
+        elif o == "-p":
+            ok, i = proto == {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP}[opts[i + 1]], i + 2
+        elif o == "-m":
+            i += 2
+        elif o == "--dport":
+            lo, _, hi = opts[i + 1].partition(":")
+            dport = int.from_bytes(d[ihl + 2 : ihl + 4], "big")
+            ok, i = int(lo) <= dport <= int(hi or lo), i + 2
+        elif o == "--icmp-type":
+            ok, i = d[ihl] == int(opts[i + 1]), i + 2
+        elif o == "--mark":
+            v, m = (int(x, 0) for x in opts[i + 1].split("/"))
+            ok, i = p.mark & m == v, i + 2
+        elif o == "--u32":
+            ok, i = _u32(opts[i + 1], d), i + 2
+        elif o == "--dst-type":
+            ok, i = p.local_dst == (opts[i + 1] == "LOCAL"), i + 2
+        elif o == "--syn":
+            ok, i = d[ihl + 13] & 0x17 == 0x02, i + 1
+        else:
+            raise AssertionError(f"the interpreter does not know {o}")
+        if ok == neg:
+            return False
+        neg = False
+    return True
+
+
+@functools.cache
+def _chains(text: str) -> dict[str, list[list[str]]]:
+    mangle = text.split("*mangle\n", 1)[1].split("COMMIT", 1)[0]
+    chains: dict[str, list[list[str]]] = {}
+    for line in mangle.splitlines():
+        if line.startswith("-A "):
+            parts = shlex.split(line)
+            chains.setdefault(parts[1], []).append(parts[2:])
+    return chains
+
+
+def run_mangle(text: str, chain: str, p: Pkt) -> int | None:
+    """The queue number the mangle rules of ``text`` send ``p`` to from ``chain`` (None:
+    the chain ends, or DROP: -1), marks applied as it goes."""
+    chains = _chains(text)
+
+    def walk(name: str) -> int | None:
+        for r in chains.get(name, []):
+            j = r.index("-j")
+            if not _match(r[:j], p):
+                continue
+            target = r[j + 1]
+            if target == "NFQUEUE":
+                return int(r[j + 3])
+            if target == "MARK":
+                v, m = (int(x, 0) for x in r[j + 3].split("/"))
+                p.mark = (p.mark & ~m) ^ v
+                continue
+            if target == "DROP":
+                return -1
+            if target == "RETURN":
+                return None
+            got = walk(target)
+            if got is not None:
+                return got
+        return None
+
+    return walk(chain)
+
+
+def render(n: int, owners: dict[int, int]) -> str:
+    pubs = [ip(FE_WEB), ip(FE_API), ip(INST_PUBLIC), *(ip(d) for d in DEFAULTS)]
+    return ruleset(IN, OUT, QUEUE, pubs, QUEUE + 1, workers=n, owners=owners, probes=True)
+
+
+def worker_of(queue: int | None, proto: int) -> int:
+    """Worker of a queue; a TCP packet must be on the TCP queue, the rest on the plain one."""
+    assert queue is not None and queue >= QUEUE, f"not queued ({queue})"
+    k, tcp_q = divmod(queue - QUEUE, 2)
+    assert tcp_q == (proto == PROTO_TCP), "wrong queue kind"
+    return k
+
+
+def kernel_steer(text: str, way: str, pkt: bytearray) -> int:
+    """The worker the rendered rules send ``pkt`` to on path ``way``."""
+    d = bytes(pkt)
+    if way == "in2out":
+        # mangle PREROUTING marks it INSIDE (forwarded, not local), POSTROUTING queues it.
+        p = Pkt(d, IN, None, local_dst=False)
+        assert run_mangle(text, "SNATGW-PRE", p) is None
+        p.iif, p.oif = None, OUT
+        q = run_mangle(text, "SNATGW-POST", p)
+    elif way == "hairpin":
+        p = Pkt(d, IN, None, local_dst=True)
+        q = run_mangle(text, "SNATGW-PRE", p)
+        assert p.mark & Mark.HAIRPIN
+    elif way == "local_out":
+        q = run_mangle(text, "SNATGW-OUT", Pkt(d, None, OUT if d[9] == PROTO_ICMP else IN))
+    else:
+        q = run_mangle(text, "SNATGW-PRE", Pkt(d, OUT, None, local_dst=True))
+    return worker_of(q, d[9])
+
+
+class RenderedGateway(Gateway):
+    """The test_shard gateway with the kernel's steering read off the rendered rules."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owners = {a: backend_owner(b, self.n) for a, b in self.instances.items()}
+        self.text = render(self.n, owners)
+
+    def steer(self, way: str, pkt: bytearray) -> int:
+        got = kernel_steer(self.text, way, pkt)
+        assert got == super().steer(way, pkt), "the rendered rules and the harness disagree"
+        return got
+
+
+def _remotes(rng: Random, k: int) -> list[str]:
+    return [f"203.0.113.{rng.randrange(1, 255)}" for _ in range(k)]
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_rendered_rules_send_every_packet_to_the_owner_functions(n: int) -> None:
+    """Rendered rules, interpreted: in2out and hairpin by backend_owner(src), TCP/UDP and
+    echo replies to a PAT address by port_owner, other ports/errors by the remote's low bits,
+    the instance IP whole to its backend's owner, host errors and probe SYNs to worker 0."""
+    g = RenderedGateway(n)
+    text = g.text
+    inst_owner = backend_owner(g.instances[ip(INST_PUBLIC)], n)
+    rng = Random(n)
+    for src in [f"10.10.{a}.{b}" for a in (1, 3) for b in range(0, 40)]:
+        for mk in (lambda s, d: tcp(s, d, 40000, 443), lambda s, d: udp(s, d, 5000, 53),
+                   lambda s, d: echo(s, d, 77)):  # fmt: skip
+            assert kernel_steer(text, "in2out", mk(src, "192.0.2.9")) == backend_owner(ip(src), n)
+            assert kernel_steer(text, "hairpin", mk(src, FE_WEB)) == backend_owner(ip(src), n)
+    ports = [0, 1, 80, 1023, 1024, 1055, 1056, 65535, *range(1024, 65536, 331)]
+    for pub in (FE_WEB, DEFAULTS[0]):
+        for remote in _remotes(rng, 8):
+            for port in ports:
+                want = port_owner(port, n) if port >= 1024 else backend_owner(ip(remote), n)
+                assert kernel_steer(text, "out2in", tcp(remote, pub, 443, port, "SA")) == want
+                assert kernel_steer(text, "out2in", udp(remote, pub, 53, port)) == want
+                assert kernel_steer(text, "out2in", echo(remote, pub, port, reply=True)) == want
+            # An echo request and an error are steered by the remote.
+            assert kernel_steer(text, "out2in", echo(remote, pub, 2000)) == backend_owner(ip(remote), n)
+            err = icmp_error(remote, pub, udp(pub, "192.0.2.9", 30000, 53))
+            assert kernel_steer(text, "out2in", err) == backend_owner(ip(remote), n)
+    for remote in _remotes(rng, 8):
+        for pkt in (tcp(remote, INST_PUBLIC, 1, 22), udp(remote, INST_PUBLIC, 9, 30000),
+                    echo(remote, INST_PUBLIC, 5, reply=True)):  # fmt: skip
+            assert kernel_steer(text, "out2in", pkt) == inst_owner
+    err = icmp_error("192.0.2.1", "203.0.113.9", udp("203.0.113.9", "10.10.1.5", 53, 9))
+    assert kernel_steer(text, "local_out", err) == 0
+    # Probe SYNs: worker 0's plain queue (a local packet's checksum is completed there).
+    syn = Pkt(bytes(tcp("10.10.0.1", "10.10.1.5", 40000, 8080, "S")), None, IN)
+    assert run_mangle(text, "SNATGW-OUT", syn) == QUEUE
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_flows_of_every_kind_meet_in_one_worker_through_the_rendered_rules(n: int) -> None:
+    """Through the rendered rules (not a copy): outbound TCP/UDP/ICMP from every backend,
+    inbound LB, NAT rule and instance IP, hairpin both ways and ICMP errors both ways
+    reach the flow's owner (at most one REQUEUE), and both directions are translated."""
+    g = RenderedGateway(n)
+    rng = Random(7 * n)
+    for b in BACKENDS:
+        for proto, mk in (("tcp", lambda s: tcp(s, "192.0.2.9", 40000, 443)),
+                          ("udp", lambda s: udp(s, "192.0.2.9", 40001, 53)),
+                          ("icmp", lambda s: echo(s, "192.0.2.9", 4242))):  # fmt: skip
+            pkt = mk(b)
+            w, v = g.send("in2out", pkt)
+            assert w == backend_owner(ip(b), n) and v != Verdict.DROP, (b, proto)
+            back = reply_to(pkt)
+            w2, v2 = g.send("out2in", back)
+            assert w2 == w and v2 != Verdict.DROP, (b, proto)
+            # An error from a router on the way about the outbound packet, both ways.
+            err = icmp_error("192.0.2.200", _src(pkt), pkt)
+            w3, v3 = g.send("out2in", err)
+            assert w3 == w and v3 != Verdict.DROP
+    for remote in _remotes(rng, 6):
+        for pkt in (tcp(remote, FE_WEB, 50000, 80), udp(remote, FE_WEB, 50001, 5353),
+                    tcp(remote, FE_API, 50002, 443), tcp(remote, FE_WEB, 50003, 2222),
+                    tcp(remote, INST_PUBLIC, 50004, 22)):  # fmt: skip
+            again = bytearray(pkt)
+            w, v = g.send("out2in", pkt)
+            assert v != Verdict.DROP
+            back = reply_to(pkt)
+            w2, v2 = g.send("in2out", back)
+            assert w2 == w and v2 != Verdict.DROP
+            w3, v3 = g.send("out2in", again)
+            assert w3 == w and v3 != Verdict.DROP
+    for a in BACKENDS[:6]:
+        pkt = tcp(a, FE_WEB, 41000, 80)
+        w, v = g.send("hairpin", pkt)
+        assert v != Verdict.DROP
+        back = reply_to(pkt)
+        w2, v2 = g.send("hairpin", back)
+        assert v2 != Verdict.DROP
+    g.check()
+
+
+def _src(pkt: bytearray) -> str:
+    return ".".join(map(str, pkt[12:16]))
