@@ -15,6 +15,7 @@ from gateway.core.block import PortBlock
 from gateway.core.events import fields as event_fields
 from gateway.core.flow import EndReason
 from gateway.core.model import GatewayModel
+from gateway.core.shard import Shard, backend_owner
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP
 from tests.unit.conftest import DEFAULTS, FRONTEND, POOL, SERVER, first_port, holds, ip, lab_model, out, udp
@@ -239,3 +240,18 @@ def test_a_backends_list_of_flows_drops_ended_ones_as_it_goes() -> None:
     assert be is not None
     live = [f for fl in t.inside.values() for f in fl.values()]
     assert sorted(map(id, be.flows)) == sorted(map(id, live)) and be.flow_count == len(live) == 200
+
+
+def test_each_of_n_workers_caps_its_own_table_at_its_share_of_max_flows() -> None:
+    """With N workers max_flows is shared: a worker's table refuses (``global``) past
+    ceil(max_flows / N) flows of its own backends, so N workers hold about max_flows."""
+    model = dataclasses.replace(lab_model(), max_flows_per_backend=1000, max_flows=10)
+    n = 3
+    w = backend_owner(ip(A), n)
+    t = TranslationTable(model, 0.0, random.Random(3), Shard(w, n))
+    for i in range(4):  # ceil(10 / 3)
+        assert send(t, A, 30000 + i, 0.0, reply=True) > 0
+    assert send(t, A, 30100, 1.0) == -1
+    (ev,) = limit_events(t)
+    assert (ev["limit"], ev["max_flows"]) == ("global", 4)
+    assert t.flows_live == 4 and t.counters_dict()["drop_flow_limit"] == 1
