@@ -282,7 +282,9 @@ class Supervisor:
             )  # fmt: skip
             summaries = self.ask_all("reconfigure", {"config": new}, RECONFIGURE_TIMEOUT)
             system.add_addresses(cfg.outside, added)
-        except (OSError, RuntimeError, ModelError, TimeoutError) as e:
+        # RequestError: a worker answered with an error (its table refused the model, or it is
+        # gone): rolled back like the rest, never out of reload() (from SIGHUP that stopped the gateway).
+        except (OSError, RuntimeError, ModelError, TimeoutError, RequestError) as e:
             iptables.apply(
                 cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue,
                 probes=bool(cfg.model.probes), workers=self.count, owners=self.owners(cfg),

@@ -9,12 +9,19 @@ import functools
 import re
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from random import Random
+from typing import Any
 
 import pytest
+import structlog
 
+from gateway.adapters import supervisor
+from gateway.adapters.control import RequestError
 from gateway.adapters.iptables import ruleset
 from gateway.adapters.kernel import Mark
+from gateway.adapters.supervisor import Supervisor
+from gateway.config import load
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.shard import backend_owner, port_owner
 from gateway.core.verdict import Verdict
@@ -22,6 +29,7 @@ from tests.unit.conftest import echo, ip, tcp, udp
 from tests.unit.test_shard import BACKENDS, DEFAULTS, FE_API, FE_WEB, INST_PUBLIC, Gateway, reply_to
 from tests.unit.test_shard_paths import icmp_error
 
+LAB = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "lab.toml"
 IN, OUT, QUEUE = "in0", "out0", 10
 COUNTS = (2, 3, 4, 16)
 
@@ -280,3 +288,52 @@ def test_flows_of_every_kind_meet_in_one_worker_through_the_rendered_rules(n: in
 
 def _src(pkt: bytearray) -> str:
     return ".".join(map(str, pkt[12:16]))
+
+
+# ---------------------------------------------------------------- supervisor reload
+
+
+def _supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Supervisor, list[Any]]:
+    """A two-worker Supervisor on the lab config with the host stubbed out: iptables,
+    addresses and interfaces record what they are asked; no worker is forked."""
+    text = LAB.read_text().replace("workers = 1\n", "workers = 2\n", 1)
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    calls: list[Any] = []
+    monkeypatch.setattr(supervisor, "host_defaults", lambda cfg: cfg)
+    monkeypatch.setattr(supervisor.system, "interface_index", lambda name: 1)
+    monkeypatch.setattr(supervisor.system, "add_addresses", lambda dev, a: calls.append(("add", list(a))))
+    monkeypatch.setattr(supervisor.system, "remove_addresses", lambda dev, a: calls.append(("rm", list(a))))
+
+    def apply(*args: Any, **kw: Any) -> int:
+        calls.append(("rules", list(args[3])))
+        return 0
+
+    monkeypatch.setattr(supervisor.iptables, "apply", apply)
+    sup = Supervisor(load(str(path)), structlog.get_logger())
+    return sup, calls
+
+
+def test_a_worker_refusing_the_new_model_rolls_the_reload_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload one worker's table refuses (its answer is an error, RequestError) is
+    rejected and rolled back: old rules, every worker back on the old model, addresses as
+    before; it never escapes reload() (from SIGHUP that would stop the whole gateway)."""
+    sup, calls = _supervisor(tmp_path, monkeypatch)
+    old_cfg, old_publics = sup.cfg, list(sup.publics)
+    asked: list[Any] = []
+
+    def ask_all(command: str, args: dict[str, Any] | None = None, timeout: float = 0.0) -> list[Any]:
+        asked.append((command, (args or {}).get("config")))
+        if command == "reconfigure" and (args or {}).get("config") is not old_cfg:
+            raise RequestError("worker 1: boom")
+        return [{}, {}]
+
+    monkeypatch.setattr(sup, "ask_all", ask_all)
+    result = sup.reload("sighup")
+    assert result["applied"] is False and sup.reloads["rejected"] == 1
+    assert sup.cfg is old_cfg
+    assert asked[-1] == ("reconfigure", old_cfg), "the workers go back to the old model"
+    rules = [c for c in calls if c[0] == "rules"]
+    assert rules[-1] == ("rules", old_publics), "the old rules are put back"
