@@ -27,10 +27,12 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from gateway.adapters import iptables, system
-from gateway.adapters.control import ControlServer, RequestError
+from gateway.adapters import iptables, requests, system
+from gateway.adapters.control import ControlServer
 from gateway.adapters.loop import PacketLoop
 from gateway.adapters.prober import Prober
+from gateway.adapters.requests import PROTOS as _PROTOS  # noqa: F401 (supervisor, until moved)
+from gateway.adapters.requests import ip_arg as _ip_arg  # noqa: F401
 from gateway.adapters.statefile import StateSaver, foreign_files, state_path
 from gateway.adapters.statefile import restore as restore_state
 from gateway.config import ConfigError, GatewayConfig, load
@@ -38,13 +40,11 @@ from gateway.core import views
 from gateway.core.address import ip_str
 from gateway.core.errors import ModelError
 from gateway.core.events import fields
-from gateway.core.model import PROTO_NAMES
 from gateway.core.table import TranslationTable
 
 #: Where state that must survive a crash is kept (one file per network namespace).
 STATE_DIR = Path("/run/snatgw")
 
-_PROTOS = {name: num for num, name in PROTO_NAMES.items()}
 
 
 def host_defaults(cfg: GatewayConfig) -> GatewayConfig:
@@ -63,15 +63,6 @@ def _cidrs(span: tuple[int, int]) -> Iterator[ipaddress.IPv4Network]:
     lo, hi = span
     return ipaddress.summarize_address_range(ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi))
 
-
-def _ip_arg(request: dict[str, Any], key: str) -> int | None:
-    value = request.get(key)
-    if value is None:
-        return None
-    try:
-        return int(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise RequestError(f"{key}: {value!r} is not an IPv4 address") from None
 
 
 class Gateway:
@@ -305,43 +296,12 @@ class Gateway:
     def handle_request(self, request: dict[str, Any]) -> Any:
         """Answer one control-socket request (in the control thread; the data
         comes from the loop's thread)."""
-        cmd = request["command"]
-        if cmd == "flows":
-            backend = _ip_arg(request, "backend")
-            proto_name = request.get("proto")
-            proto = _PROTOS.get(proto_name) if proto_name is not None else None
-            if proto_name is not None and proto is None:
-                raise RequestError(f"proto: {proto_name!r} is not one of tcp, udp, icmp")
-            records = self.loop.call(lambda: views.flow_records(self.table, backend, proto))
-            return views.flow_rows(records, time.monotonic())
-        if cmd == "ports":
-            backend = _ip_arg(request, "backend")
-            top = request.get("top", 3)
-            if not isinstance(top, int) or not 0 <= top <= 100:
-                raise RequestError("top: must be an integer from 0 to 100")
-            return self.loop.call(
-                lambda: views.ports(self.table, time.monotonic(), time.time(), backend, top)
-            )
-        if cmd == "rules":
-            backend = _ip_arg(request, "backend")
-            return self.loop.call(lambda: views.rules(self.table, backend))
-        if cmd == "stats":
-            return self.loop.call(lambda: views.stats(self.table))
+        cmd, args = requests.parse(request)
         if cmd == "status":
             return self.loop.call(self._status)
         if cmd == "reload":
             return self.loop.call(lambda: self.reload("control"))
-        if cmd == "who":
-            public = _ip_arg(request, "public_ip")
-            port = request.get("port")
-            if public is None or type(port) is not int or not 0 <= port <= 65535:
-                raise RequestError("who: needs public_ip and a port from 0 to 65535")
-            who_proto = request.get("proto")
-            wp = _PROTOS.get(who_proto) if who_proto is not None else None
-            if who_proto is not None and wp is None:
-                raise RequestError(f"proto: {who_proto!r} is not one of tcp, udp, icmp")
-            return self.loop.call(lambda: views.who(self.table, public, port, time.monotonic(), wp))
-        raise RequestError(f"unknown command {cmd!r}")
+        return requests.view(self.table, self.loop.call, cmd, args)
 
     def _status(self) -> dict[str, Any]:
         now = time.monotonic()

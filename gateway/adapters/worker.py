@@ -43,6 +43,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
+from gateway.adapters import requests
 from gateway.adapters.loop import PacketLoop
 from gateway.adapters.prober import Prober
 from gateway.adapters.statefile import StateSaver, state_path, worker_path
@@ -182,21 +183,10 @@ class Worker:
             self.prober.set_targets(call(table.probe_targets), self.cfg.model.probe_source)
             self.prober.start()
             return True
-        if command == "flows":
-            records = call(lambda: views.flow_records(table, args.get("backend"), args.get("proto")))
-            return views.flow_rows(records, time.monotonic())
-        if command == "ports":
-            return call(lambda: views.ports(table, time.monotonic(), time.time(), args.get("backend"),
-                                            args.get("top", 3)))  # fmt: skip
-        if command == "rules":
-            return call(lambda: views.rules(table, args.get("backend")))
-        if command == "stats":
-            return call(lambda: views.stats(table))
+        if command in requests.VIEW_COMMANDS:
+            return requests.view(table, call, command, args)
         if command == "status":
             return call(self._status)
-        if command == "who":
-            return call(lambda: views.who(table, args["public_ip"], args["port"], time.monotonic(),
-                                          args.get("proto")))  # fmt: skip
         if command == "metrics":
             return call(self._metrics)
         if command == "reconfigure":
