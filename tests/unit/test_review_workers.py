@@ -5,7 +5,9 @@ and the gateway of N tables stays one gateway when driven through those rendered
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.adapters import supervisor
 from gateway.adapters.control import RequestError
@@ -22,10 +26,14 @@ from gateway.adapters.iptables import ruleset
 from gateway.adapters.kernel import Mark
 from gateway.adapters.supervisor import Supervisor
 from gateway.config import load
-from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from gateway.core.shard import backend_owner, port_owner
+from gateway.core import persist, restore
+from gateway.core.address import ip_str
+from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Timeouts
+from gateway.core.shard import Shard, backend_owner, port_owner
+from gateway.core.table import TranslationTable
 from gateway.core.verdict import Verdict
-from tests.unit.conftest import echo, ip, tcp, udp
+from tests.unit.conftest import DEFAULTS as LAB_DEFAULTS
+from tests.unit.conftest import INSTANCE, POOL, SERVER, STANDALONE, echo, ip, lab_model, tcp, udp
 from tests.unit.test_shard import BACKENDS, DEFAULTS, FE_API, FE_WEB, INST_PUBLIC, Gateway, reply_to
 from tests.unit.test_shard_paths import icmp_error
 
@@ -337,3 +345,83 @@ def test_a_worker_refusing_the_new_model_rolls_the_reload_back(
     assert asked[-1] == ("reconfigure", old_cfg), "the workers go back to the old model"
     rules = [c for c in calls if c[0] == "rules"]
     assert rules[-1] == ("rules", old_publics), "the old rules are put back"
+
+
+# ---------------------------------------------------------------- compact flows bookkeeping
+
+
+def _books(t: TranslationTable) -> None:
+    """Every count the compact flows keep agrees with the flows themselves: a backend's
+    flow_count is its live flows, each live flow is in both maps and its backend's list,
+    flows_live and the wheel's armed count are the table's flows."""
+    live = [f for fl in t.inside.values() for f in fl.values()]
+    assert all(f.live for f in live)
+    assert sum(len(o) for o in t.outside.values()) == len(live) == t.flows_live == t.flow_count()
+    assert t.wheel.count == len(live)
+    per: dict[int, int] = {}
+    for f in live:
+        assert t.outside[f.proto][f.outside_key] is f
+        per[f.backend] = per.get(f.backend, 0) + 1
+        be = t.backends.get(f.backend)
+        assert be is not None and f in be.flow_list, "a live flow its backend does not list"
+    for bip, be in t.backends.items():
+        assert be.flow_count == len(be.flows) == per.get(bip, 0), ip_str(bip)
+        assert 0 <= be.drop_from <= len(be.flow_list)
+
+
+_SOURCES = (*POOL, INSTANCE, STANDALONE, "10.10.3.2")
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(("udp",) * 6 + ("tcp",) * 6 + ("reply",) * 4 + ("fin", "rst", "fin", "rst", "time",
+                         "drop_member", "restore_members", "drop_default", "timeouts", "persist")),
+        st.integers(0, len(_SOURCES) - 1),
+        st.integers(0, 7),
+    ),
+    min_size=10,
+    max_size=80,
+)  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None)
+@given(_OPS, st.sampled_from((1, 2, 3)))
+def test_flow_counts_never_drift_on_any_end_path(ops: list[tuple[str, int, int]], n: int) -> None:
+    """Any mix of new flows, replies, FIN/RST, idle expiry, early drop at tight caps,
+    reloads removing and re-adding a member or an address, changed timeouts and a persist
+    round trip keeps every backend's flow_count, flows_live and the wheel's count equal
+    to the live flows (each worker of N alike)."""
+    base = dataclasses.replace(lab_model(), max_flows_per_backend=4, max_flows=9)
+    now = 0.0
+    shard = Shard(0, n)
+    t = TranslationTable(base, now, Random(1), shard)
+    sent: list[bytearray] = []
+    for op, k, v in ops:
+        now += 0.5
+        src = _SOURCES[k]
+        if op in ("udp", "tcp"):
+            pkt = udp(src, SERVER, 30000 + v, 53) if op == "udp" else tcp(src, SERVER, 31000 + v, 443, "S")
+            if t.in2out(pkt, now) != Verdict.DROP:
+                sent.append(pkt)
+        elif op in ("reply", "fin", "rst") and sent:
+            out_pkt = sent[v % len(sent)]
+            back = reply_to(out_pkt, {"reply": "SA", "fin": "FA", "rst": "R"}[op])
+            t.out2in(back, now)
+        elif op == "time":
+            now += (1, 30, 300, 4000)[v % 4]
+            t.handle_timer(now)
+        elif op == "drop_member":
+            t.reconfigure(lab_model(members=POOL[: 1 + v % 2]), now)
+        elif op == "restore_members":
+            t.reconfigure(base, now)
+        elif op == "drop_default":
+            t.reconfigure(lab_model(defaults=LAB_DEFAULTS[v % 2 :]), now)
+        elif op == "timeouts":
+            t.reconfigure(dataclasses.replace(base, timeouts=Timeouts(idle=10.0 + v)), now)
+        elif op == "persist":
+            t.handle_timer(now + 1.0)  # what is past its deadline ends here as restore would end it
+            data = json.loads(persist.encode(persist.snapshot(t, now + 1.0, 1001.0 + now)))
+            now += 1.0
+            t2 = TranslationTable(t.model, now, Random(2), shard)
+            restore.restore(t2, data, now, 1000.0 + now)
+            assert t2.flow_count() == t.flow_count()
+            t, sent = t2, []
+        _books(t)
