@@ -20,13 +20,14 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import merge
 from gateway.adapters import supervisor
 from gateway.adapters.control import RequestError
 from gateway.adapters.iptables import ruleset
 from gateway.adapters.kernel import Mark
 from gateway.adapters.supervisor import Supervisor
 from gateway.config import load
-from gateway.core import persist, restore
+from gateway.core import persist, restore, views
 from gateway.core.address import ip_str
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Timeouts
 from gateway.core.shard import Shard, backend_owner, port_owner
@@ -425,3 +426,40 @@ def test_flow_counts_never_drift_on_any_end_path(ops: list[tuple[str, int, int]]
             assert t2.flow_count() == t.flow_count()
             t, sent = t2, []
         _books(t)
+
+
+# ---------------------------------------------------------------- merged views
+
+
+@pytest.mark.parametrize("n", (2, 3, 4))
+def test_merged_who_and_ports_name_each_ports_owner_and_count_flows_once(n: int) -> None:
+    """merge.who of every translated flow's public port names that flow's backend, from
+    its owner, whichever worker is asked first; merge.ports gives each backend's row from
+    its owner with its flow count; merge.stats adds up to the flows of every worker."""
+    g = RenderedGateway(n)
+    want: dict[tuple[int, int], int] = {}
+    for i, b in enumerate(BACKENDS):
+        for proto, pkt in (
+            ("udp", udp(b, "192.0.2.9", 40000 + i, 53)),
+            ("tcp", tcp(b, "192.0.2.9", 41000 + i, 443)),
+        ):
+            w, v = g.send("in2out", pkt)
+            assert v != Verdict.DROP, (b, proto)
+            want[(ip(_src(pkt)), int.from_bytes(pkt[20:22], "big"))] = ip(b)
+    # Inbound through the instance IP and the LB frontend.
+    g.send("out2in", tcp("203.0.113.40", INST_PUBLIC, 50000, 22))
+    for (pub, port), backend in want.items():
+        parts = [views.who(t, pub, port, 1.0) for t in g.tables]
+        got = merge.who(parts)
+        assert got["holder"] is not None and got["holder"]["backend"] == ip_str(backend)
+        assert got["worker"] == backend_owner(backend, n)
+        assert any(r["public_port"] == port for r in got["flows"])
+        assert merge.who(parts[::-1])["holder"]["backend"] == ip_str(backend)
+    inst = merge.who([views.who(t, ip(INST_PUBLIC), 22, 1.0) for t in g.tables])
+    assert inst["holder"]["backend"] == "10.10.2.3" and inst["worker"] == backend_owner(ip("10.10.2.3"), n)
+    rows = merge.ports([views.ports(t, 1.0, 1000.0) for t in g.tables])
+    counts = {ip(r["backend"]): r["flows"] for r in rows}
+    for _w, f in g.flows():
+        assert counts[f.backend] == sum(1 for _w, x in g.flows() if x.backend == f.backend)
+    total = merge.stats([views.stats(t) for t in g.tables])
+    assert total["flows_total"] == len(g.flows())
