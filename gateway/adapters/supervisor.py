@@ -75,6 +75,8 @@ class Supervisor:
         self.publics = list(cfg.model.public_addresses())
         self.tcp_queue = cfg.queue + 1
         self.stopping = False
+        #: Set as the stop or the failure begins: no reload starts after it.
+        self.closing = False
         self.hup = False
         self._reload_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -151,6 +153,7 @@ class Supervisor:
         except _StoppedEarly:
             pass  # SIGTERM while the workers started: nothing on the host to undo
         finally:
+            self.closing = True
             if died is None and set_up and not self.stopping:
                 died = next((h for h in self.workers if not h.process.is_alive()), None)
                 if died is not None:  # it died while the rest was being set up
@@ -162,18 +165,10 @@ class Supervisor:
                 system.remove_addresses(cfg.outside, self.publics)
                 guarded = iptables.guard(cfg.inside, cfg.outside)
                 self.log.error("gateway_failed_closed", worker=died.index, guard=guarded)
-            self.pool.stop()
-            if set_up:
-                if died is None:
-                    system.remove_addresses(cfg.outside, self.publics)
-                if died is None and self.cfg.stopped == "remove":
-                    system.restore_forwarding(STATE_DIR)
-                    iptables.remove()
-                else:
-                    if died is None:
-                        iptables.guard(cfg.inside, cfg.outside)
-                    system.restore_forwarding(STATE_DIR)
-                system.restore_sysctls(STATE_DIR)
+            # A control-socket reload under way ends (or rolls back) before the host is
+            # put back: its rules and addresses would otherwise land after ours.
+            with self._reload_lock:
+                self._tear_down(died, set_up)
             if control is not None:
                 control.close()
             if stop_metrics is not None:
@@ -184,6 +179,27 @@ class Supervisor:
         self.log.info("gateway_stopped", counters=counters.get("counters", {}), flows=flows,
                       workers=self.count, failed=died is not None)  # fmt: skip
         return 1 if died is not None else 0
+
+    def _tear_down(self, died: WorkerHandle | None, set_up: bool) -> None:
+        """Stop the workers and put the host back (the guard after a death, else as
+        ``stopped`` says); with no reload running (the caller holds the reload lock)."""
+        cfg = self.cfg
+        if died is not None and set_up:
+            # Again: a reload that was under way at the death may have put some back.
+            system.remove_addresses(cfg.outside, self.publics)
+            iptables.guard(cfg.inside, cfg.outside)
+        self.pool.stop()
+        if set_up:
+            if died is None:
+                system.remove_addresses(cfg.outside, self.publics)
+            if died is None and cfg.stopped == "remove":
+                system.restore_forwarding(STATE_DIR)
+                iptables.remove()
+            else:
+                if died is None:
+                    iptables.guard(cfg.inside, cfg.outside)
+                system.restore_forwarding(STATE_DIR)
+            system.restore_sysctls(STATE_DIR)
 
     def _watch(self) -> WorkerHandle | None:
         """Wait for a stop, a reload or a worker's death; the dead worker, or None."""
@@ -248,6 +264,8 @@ class Supervisor:
         """Re-read the config, validate it for every worker's shard, swap the rules, then
         hand the new model to every worker; or reject it and keep the old one."""
         with self._reload_lock:
+            if self.closing:
+                return self._reject(source, "(system)", "the gateway is stopping")
             return self._reload(source)
 
     def _reload(self, source: str) -> dict[str, Any]:

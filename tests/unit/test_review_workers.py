@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -463,3 +464,72 @@ def test_merged_who_and_ports_name_each_ports_owner_and_count_flows_once(n: int)
         assert counts[f.backend] == sum(1 for _w, x in g.flows() if x.backend == f.backend)
     total = merge.stats([views.stats(t) for t in g.tables])
     assert total["flows_total"] == len(g.flows())
+
+
+class _Dead:
+    """A worker handle whose process died (SIGKILL)."""
+
+    index, pid, final = 1, 4242, None
+
+    class process:  # noqa: N801 (the attribute WorkerHandle has)
+        exitcode = -9
+
+        @staticmethod
+        def is_alive() -> bool:
+            return False
+
+
+def test_a_reload_under_way_when_a_worker_dies_never_undoes_the_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker dies while a control-socket reload waits on the workers: the supervisor puts
+    the guard in at once, and whatever that reload's rollback puts back (queue rules, public
+    addresses) is taken away again: the guard is the last rule set, no address is left."""
+    sup, calls = _supervisor(tmp_path, monkeypatch)
+    old_cfg = sup.cfg
+    inside = threading.Event()
+    release = threading.Event()
+
+    def guard(inside_if: str, outside_if: str) -> bool:
+        calls.append(("guard", []))
+        release.set()
+        return True
+
+    def ask_all(command: str, args: dict[str, Any] | None = None, timeout: float = 0.0) -> list[Any]:
+        if command == "reconfigure" and (args or {}).get("config") is not old_cfg:
+            inside.set()
+            assert release.wait(10)
+            raise RequestError("worker 1 is gone")
+        return [{}, {}]
+
+    reloader = threading.Thread(target=sup.reload, args=("control",))
+
+    def watch() -> Any:
+        reloader.start()
+        assert inside.wait(10)
+        return _Dead()
+
+    class Control:
+        def __init__(self, *a: Any) -> None: ...
+        def start(self) -> None: ...
+        def close(self) -> None: ...
+
+    for name in ("set_sysctls", "enable_forwarding", "restore_forwarding", "restore_sysctls"):
+        monkeypatch.setattr(supervisor.system, name, lambda *a: None)
+    monkeypatch.setattr(supervisor.system, "hairpin_sysctls", lambda *a: {})
+    monkeypatch.setattr(supervisor.system, "strict_rp_filter", lambda *a: False)
+    monkeypatch.setattr(supervisor.iptables, "guard", guard)
+    monkeypatch.setattr(supervisor, "ControlServer", Control)
+    monkeypatch.setattr(sup.pool, "fork", lambda: None)
+    monkeypatch.setattr(sup.pool, "await_ready", lambda stopping: True)
+    monkeypatch.setattr(sup.pool, "stop", lambda: reloader.join(10))
+    monkeypatch.setattr(sup, "ask_all", ask_all)
+    monkeypatch.setattr(sup, "describe", lambda *a: {})
+    monkeypatch.setattr(sup, "_watch", watch)
+    sup.metrics = None
+    assert sup.run() == 1
+    reloader.join(10)
+    host = [c for c in calls if c[0] in ("rules", "guard")]
+    assert host[-1] == ("guard", []), f"the last rule change after the crash: {host[-3:]}"
+    moves = [c for c in calls if c[0] in ("add", "rm") and c[1]]
+    assert moves[-1][0] == "rm", moves[-3:]
