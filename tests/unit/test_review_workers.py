@@ -31,7 +31,7 @@ from gateway.config import load
 from gateway.core import persist, restore, views
 from gateway.core.address import ip_str
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Timeouts
-from gateway.core.shard import Shard, backend_owner, port_owner
+from gateway.core.shard import Shard, backend_owner, port_owner, slice_ports
 from gateway.core.table import TranslationTable
 from gateway.core.verdict import Verdict
 from tests.unit.conftest import DEFAULTS as LAB_DEFAULTS
@@ -230,9 +230,10 @@ def test_rendered_rules_send_every_packet_to_the_owner_functions(n: int) -> None
                    lambda s, d: echo(s, d, 77)):  # fmt: skip
             assert kernel_steer(text, "in2out", mk(src, "192.0.2.9")) == backend_owner(ip(src), n)
             assert kernel_steer(text, "hairpin", mk(src, FE_WEB)) == backend_owner(ip(src), n)
-    ports = [0, 1, 80, 1023, 1024, 1055, 1056, 65535, *range(1024, 65536, 331)]
+    edges = [p for i in range(n) for lo, hi in [slice_ports(i, n)] for p in (lo - 1, lo, hi, hi + 1)]
+    ports = sorted({0, 1, 80, 1023, *range(1024, 65536, 2039), *(p for p in edges if 0 <= p <= 65535)})
     for pub in (FE_WEB, DEFAULTS[0]):
-        for remote in _remotes(rng, 8):
+        for remote in _remotes(rng, 4):
             for port in ports:
                 want = port_owner(port, n) if port >= 1024 else backend_owner(ip(remote), n)
                 assert kernel_steer(text, "out2in", tcp(remote, pub, 443, port, "SA")) == want
