@@ -360,7 +360,15 @@ def _books(t: TranslationTable) -> None:
     live = [f for fl in t.inside.values() for f in fl.values()]
     assert all(f.live for f in live)
     assert sum(len(o) for o in t.outside.values()) == len(live) == t.flows_live == t.flow_count()
-    assert t.wheel.count == len(live)
+    wheel = t.wheel
+    assert wheel.count == len(live)
+    entries = sum(len(slot) for level in wheel.levels for slot in level)
+    assert entries == wheel.count + wheel.stale and wheel.stale >= 0, "the wheel's stale count drifted"
+    assert all(
+        len(s) == len(k)
+        for ls, lk in zip(wheel.levels, wheel.ticks, strict=True)
+        for s, k in zip(ls, lk, strict=True)
+    )
     per: dict[int, int] = {}
     for f in live:
         assert t.outside[f.proto][f.outside_key] is f
