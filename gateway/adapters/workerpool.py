@@ -71,8 +71,11 @@ class WorkerHandle:
     _gone: bool = False
     #: Set once the pipe reached EOF (after the worker's last message, ``stopped``).
     closed: threading.Event = field(default_factory=threading.Event)
+    #: Whether the reader thread (which sets ``closed``) was started.
+    reading: bool = False
 
     def start_reader(self) -> None:
+        self.reading = True
         threading.Thread(target=self._read, name=f"snatgw-pipe-{self.index}", daemon=True).start()
 
     def _read(self) -> None:
@@ -221,7 +224,8 @@ class WorkerPool:
                                problem=f"did not stop within {STOP_TIMEOUT:g} s")  # fmt: skip
                 h.process.kill()
                 h.process.join(5)
-            h.closed.wait(2)  # its last message (final counters) read before its pipe's EOF
+            if h.reading:  # its last message (final counters) read before its pipe's EOF
+                h.closed.wait(2)
 
 
 def _child(
