@@ -16,56 +16,28 @@ AzureLoadBalancer address: the inside interface's first address).
 
 from __future__ import annotations
 
-import ipaddress
 import signal
-import socket
 import time
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway.adapters import iptables, requests, system
 from gateway.adapters.control import ControlServer
+from gateway.adapters.hostside import STATE_DIR, HostSide, host_defaults
 from gateway.adapters.loop import PacketLoop
 from gateway.adapters.prober import Prober
-from gateway.adapters.requests import PROTOS as _PROTOS  # noqa: F401 (supervisor, until moved)
-from gateway.adapters.requests import ip_arg as _ip_arg  # noqa: F401
 from gateway.adapters.statefile import StateSaver, foreign_files, state_path
 from gateway.adapters.statefile import restore as restore_state
-from gateway.config import ConfigError, GatewayConfig, load
+from gateway.config import GatewayConfig
 from gateway.core import views
 from gateway.core.address import ip_str
 from gateway.core.errors import ModelError
 from gateway.core.events import fields
 from gateway.core.table import TranslationTable
 
-#: Where state that must survive a crash is kept (one file per network namespace).
-STATE_DIR = Path("/run/snatgw")
 
-
-
-def host_defaults(cfg: GatewayConfig) -> GatewayConfig:
-    """``cfg`` with ``address_space`` and ``probe_source`` filled in from the inside
-    interface where the config left them empty (docs/model.md, "Security groups")."""
-    model = cfg.model
-    space = model.address_space or system.inside_prefixes(cfg.inside)
-    source = model.probe_source or system.first_address(cfg.inside)
-    if space == model.address_space and source == model.probe_source:
-        return cfg
-    return replace(cfg, model=replace(model, address_space=space, probe_source=source))
-
-
-def _cidrs(span: tuple[int, int]) -> Iterator[ipaddress.IPv4Network]:
-    """An inclusive address range as the fewest CIDR blocks."""
-    lo, hi = span
-    return ipaddress.summarize_address_range(ipaddress.IPv4Address(lo), ipaddress.IPv4Address(hi))
-
-
-
-class Gateway:
+class Gateway(HostSide):
     """One running gateway in this network namespace."""
 
     def __init__(
@@ -115,11 +87,6 @@ class Gateway:
 
     def _on_hup(self) -> None:
         self.reload("sighup")
-
-    def _overridden(self, cfg: GatewayConfig) -> GatewayConfig:
-        if self.control_override is None:
-            return cfg
-        return replace(cfg, control_socket=self.control_override)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -186,45 +153,13 @@ class Gateway:
         self.log.info("gateway_stopped", counters=self.table.counters_dict(), flows=self.table.flow_count())
         return 0
 
-    def _check_probe_source(self, cfg: GatewayConfig) -> None:
-        """Warn when probes cannot be sent from ``probe_source`` (not an address of this
-        host): every probe then fails and its members stay down."""
-        source = cfg.model.probe_source
-        if not cfg.model.probes or not source:
-            return
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((ip_str(source), 0))
-            except OSError as e:
-                self.log.warning(
-                    "probe_source_unusable", probe_source=ip_str(source),
-                    problem=f"cannot bind a probe socket to it ({e.strerror}); every probe will fail",
-                )  # fmt: skip
-
     def flush_events(self) -> None:
         for ev in self.table.events:
             getattr(self.log, ev.level)(ev.name, **fields(ev))
         self.table.events.clear()
 
     def describe(self) -> dict[str, Any]:
-        cfg = self.cfg
-        status = views.status(self.table)
-        return {
-            "config": cfg.path,
-            "queue": cfg.queue,
-            "tcp_queue": self.tcp_queue,
-            "queue_client": cfg.queue_client,
-            "inside": cfg.inside,
-            "outside": cfg.outside,
-            "public_ips": [ip_str(a) for a in self.publics],
-            "pools": {p["pool"]: {k: v for k, v in p.items() if k != "pool"} for p in status["pools"]},
-            "idle_timeout": cfg.model.timeouts.idle,
-            "address_space": [str(n) for span in cfg.model.address_space for n in _cidrs(span)],
-            "probe_source": ip_str(cfg.model.probe_source) if cfg.model.probe_source else None,
-            "inbound_default": "allow" if cfg.model.inbound_default_allow else "deny",
-            "control_socket": cfg.control_socket,
-            "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else None,
-        }
+        return self._describe(views.status(self.table))
 
     # ------------------------------------------------------------------ reload
 
@@ -239,19 +174,9 @@ class Gateway:
         """
         cfg = self.cfg
         began = time.monotonic()
-        try:
-            new = self._overridden(load(cfg.path))
-        except ConfigError as e:
-            return self._reject(source, e.key, e.problem)
-        restart = cfg.restart_keys(new)
-        if restart:
-            return self._reject(source, restart[0], "changing it needs a restart (the old value stays)")
-        for key, name in (("gateway.inside", new.inside), ("gateway.outside", new.outside)):
-            try:
-                system.interface_index(name)
-            except LookupError as e:
-                return self._reject(source, key, str(e))
-        new = host_defaults(new)
+        new = self._read_reload()
+        if isinstance(new, tuple):
+            return self._reject(source, *new)
         probes = bool(new.model.probes)
         publics = list(new.model.public_addresses())
         added = [p for p in publics if p not in self.publics]
@@ -284,12 +209,6 @@ class Gateway:
         fields["took_ms"] = round((time.monotonic() - began) * 1000, 1)
         self.log.info("config_reloaded", **fields)
         return {"applied": True, **fields}
-
-    def _reject(self, source: str, key: str, problem: str) -> dict[str, Any]:
-        self.reloads["rejected"] += 1
-        fields = {"config": self.cfg.path, "source": source, "key": key, "problem": problem}
-        self.log.error("config_rejected", **fields)
-        return {"applied": False, **fields}
 
     # ------------------------------------------------------------------ operator's view
 

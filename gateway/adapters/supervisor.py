@@ -28,20 +28,20 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway import merge
-from gateway.adapters import iptables, system
+from gateway.adapters import iptables, requests, system
 from gateway.adapters.control import ControlServer, RequestError
-from gateway.adapters.run import _PROTOS, STATE_DIR, _cidrs, _ip_arg, host_defaults
+from gateway.adapters.hostside import STATE_DIR, HostSide, host_defaults
 from gateway.adapters.statefile import foreign_files, state_path
 from gateway.adapters.worker import RECONFIGURE_TIMEOUT, queues_of
 from gateway.adapters.workerpool import WorkerHandle, WorkerPool, signal_name
-from gateway.config import ConfigError, GatewayConfig, load
+from gateway.config import GatewayConfig
 from gateway.core.address import ip_str
 from gateway.core.errors import ModelError
 from gateway.core.shard import Shard, backend_owner
@@ -52,7 +52,7 @@ class _StoppedEarly(Exception):
     """SIGTERM or SIGINT before every worker was ready."""
 
 
-class Supervisor:
+class Supervisor(HostSide):
     """N workers and everything system-wide around them."""
 
     def __init__(
@@ -85,11 +85,6 @@ class Supervisor:
         self.pool = WorkerPool(cfg, log, self._wake_r, (self._wake_r, self._wake_w))
         self.workers = self.pool.workers
         self.ask_all = self.pool.ask_all
-
-    def _overridden(self, cfg: GatewayConfig) -> GatewayConfig:
-        if self.control_override is None:
-            return cfg
-        return replace(cfg, control_socket=self.control_override)
 
     def owners(self, cfg: GatewayConfig) -> dict[int, int]:
         """Instance public address -> the worker that owns its backend (all its traffic goes there)."""
@@ -222,41 +217,10 @@ class Supervisor:
                 self.reload("sighup")
         return None
 
-    def _check_probe_source(self, cfg: GatewayConfig) -> None:
-        source = cfg.model.probe_source
-        if not cfg.model.probes or not source:
-            return
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((ip_str(source), 0))
-            except OSError as e:
-                self.log.warning(
-                    "probe_source_unusable", probe_source=ip_str(source),
-                    problem=f"cannot bind a probe socket to it ({e.strerror}); every probe will fail",
-                )  # fmt: skip
-
     def describe(self, status: dict[str, Any] | None = None) -> dict[str, Any]:
-        cfg = self.cfg
         if status is None:
             status = merge.status(self.ask_all("status"))
-        return {
-            "config": cfg.path,
-            "queue": cfg.queue,
-            "tcp_queue": self.tcp_queue,
-            "queue_client": cfg.queue_client,
-            "inside": cfg.inside,
-            "outside": cfg.outside,
-            "public_ips": [ip_str(a) for a in self.publics],
-            "pools": {p["pool"]: {k: v for k, v in p.items() if k != "pool"} for p in status["pools"]},
-            "idle_timeout": cfg.model.timeouts.idle,
-            "address_space": [str(n) for span in cfg.model.address_space for n in _cidrs(span)],
-            "probe_source": ip_str(cfg.model.probe_source) if cfg.model.probe_source else None,
-            "inbound_default": "allow" if cfg.model.inbound_default_allow else "deny",
-            "control_socket": cfg.control_socket,
-            "metrics": f"{self.metrics[0]}:{self.metrics[1]}" if self.metrics else None,
-            "workers": self.count,
-            "worker_pids": [h.pid for h in self.workers],
-        }
+        return {**self._describe(status), "workers": self.count, "worker_pids": [h.pid for h in self.workers]}
 
     # ------------------------------------------------------------------ reload
 
@@ -271,19 +235,9 @@ class Supervisor:
     def _reload(self, source: str) -> dict[str, Any]:
         cfg = self.cfg
         began = time.monotonic()
-        try:
-            new = self._overridden(load(cfg.path))
-        except ConfigError as e:
-            return self._reject(source, e.key, e.problem)
-        restart = cfg.restart_keys(new)
-        if restart:
-            return self._reject(source, restart[0], "changing it needs a restart (the old value stays)")
-        for key, name in (("gateway.inside", new.inside), ("gateway.outside", new.outside)):
-            try:
-                system.interface_index(name)
-            except LookupError as e:
-                return self._reject(source, key, str(e))
-        new = host_defaults(new)
+        new = self._read_reload()
+        if isinstance(new, tuple):
+            return self._reject(source, *new)
         try:  # a throwaway table per shard: refused before anything is touched
             for i in range(self.count):
                 TranslationTable(new.model, time.monotonic(), shard=Shard(i, self.count))
@@ -324,41 +278,17 @@ class Supervisor:
         self.log.info("config_reloaded", **fields)
         return {"applied": True, **fields}
 
-    def _reject(self, source: str, key: str, problem: str) -> dict[str, Any]:
-        self.reloads["rejected"] += 1
-        fields = {"config": self.cfg.path, "source": source, "key": key, "problem": problem}
-        self.log.error("config_rejected", **fields)
-        return {"applied": False, **fields}
-
     # ------------------------------------------------------------------ operator's view
 
     def handle_request(self, request: dict[str, Any]) -> Any:
-        """One control-socket request, fanned out to every worker and merged."""
-        cmd = request["command"]
+        """One control-socket request, checked once, fanned out to every worker and merged."""
+        cmd, args = requests.parse(request)
         if cmd == "reload":
             return self.reload("control")
         if cmd == "status":
             return self._status()
-        if cmd == "stats":
-            return merge.stats(self.ask_all("stats"))
-        backend = _ip_arg(request, "backend") if cmd in ("flows", "ports", "rules") else None
-        if cmd == "flows":
-            return merge.flows(self.ask_all("flows", {"backend": backend, "proto": _proto(request)}))
-        if cmd == "ports":
-            top = request.get("top", 3)
-            if not isinstance(top, int) or not 0 <= top <= 100:
-                raise RequestError("top: must be an integer from 0 to 100")
-            return merge.ports(self.ask_all("ports", {"backend": backend, "top": top}))
-        if cmd == "rules":
-            return merge.rules(self.ask_all("rules", {"backend": backend}))
-        if cmd == "who":
-            public = _ip_arg(request, "public_ip")
-            port = request.get("port")
-            if public is None or type(port) is not int or not 0 <= port <= 65535:
-                raise RequestError("who: needs public_ip and a port from 0 to 65535")
-            args = {"public_ip": public, "port": port, "proto": _proto(request)}
-            return merge.who(self.ask_all("who", args))
-        raise RequestError(f"unknown command {cmd!r}")
+        merger = _MERGERS[cmd]
+        return merger(self.ask_all(cmd, args))
 
     def _status(self) -> dict[str, Any]:
         parts = self.ask_all("status")
@@ -389,11 +319,7 @@ class Supervisor:
         return snap
 
 
-def _proto(request: dict[str, Any]) -> int | None:
-    name = request.get("proto")
-    if name is None:
-        return None
-    proto = _PROTOS.get(name)
-    if proto is None:
-        raise RequestError(f"proto: {name!r} is not one of tcp, udp, icmp")
-    return proto
+#: How the answers of the workers to each view command become one.
+_MERGERS: dict[str, Callable[[list[Any]], Any]] = {
+    "flows": merge.flows, "ports": merge.ports, "rules": merge.rules, "stats": merge.stats, "who": merge.who,
+}

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import merge
-from gateway.adapters import supervisor
+from gateway.adapters import hostside, supervisor
 from gateway.adapters.control import RequestError
 from gateway.adapters.iptables import ruleset
 from gateway.adapters.kernel import Mark
@@ -313,6 +313,7 @@ def _supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Superv
     path.write_text(text)
     calls: list[Any] = []
     monkeypatch.setattr(supervisor, "host_defaults", lambda cfg: cfg)
+    monkeypatch.setattr(hostside, "host_defaults", lambda cfg: cfg)
     monkeypatch.setattr(supervisor.system, "interface_index", lambda name: 1)
     monkeypatch.setattr(supervisor.system, "add_addresses", lambda dev, a: calls.append(("add", list(a))))
     monkeypatch.setattr(supervisor.system, "remove_addresses", lambda dev, a: calls.append(("rm", list(a))))
