@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from gateway.core.security import Decision
 
 __all__ = [
-    "FIN_IN2OUT", "FIN_OUT2IN", "INT16", "MAX_WSCALE", "SEQ_MASK", "STATE_NAMES", "STATE_TIMEOUT",
+    "FIN_IN2OUT", "FIN_OUT2IN", "INBOUND_BIT", "INT16", "LIVE_BIT", "PROTO_OF",
+    "MAX_WSCALE", "SEQ_MASK", "STATE_NAMES", "STATE_TIMEOUT",
     "TCP_ACK_WIN", "TCP_TRACK", "UNKNOWN", "EndReason", "Flow", "TcpFlag", "TcpFlow", "TcpState",
     "first_state", "in_window", "l4_deltas", "new_flow", "syn_wscale", "tcp_next_state", "timeout_for",
 ]  # fmt: skip
@@ -84,9 +85,9 @@ INT16: tuple[int, ...] = tuple(range(1 << 16))
 
 # ``Flow._bits``: the small fields packed into one 16-bit number (always an INT16 object).
 _PROTO_CODE: dict[int, int] = {int(ICMP): 1, int(Proto.TCP): 2, int(Proto.UDP): 3}
-_PROTO_OF = (0, int(ICMP), int(Proto.TCP), int(Proto.UDP))
+_PROTO_OF = PROTO_OF = (0, int(ICMP), int(Proto.TCP), int(Proto.UDP))
 _SCEN_SHIFT, _STATE_SHIFT, _FINS_SHIFT, _SCALE_SHIFT = 2, 4, 7, 9
-_INBOUND, _LIVE = 1 << 13, 1 << 14
+_INBOUND, _LIVE = INBOUND_BIT, LIVE_BIT = 1 << 13, 1 << 14
 _STATE_MASK, _FINS_MASK, _SCALE_MASK = 7 << _STATE_SHIFT, 3 << _FINS_SHIFT, 15 << _SCALE_SHIFT
 
 
@@ -344,6 +345,7 @@ def new_flow(
     decision: Decision | None,
     inbound: bool = False,
     idle: float = 0.0,
+    state: int = TcpState.ACTIVE,
 ) -> Flow:
     """A flow from its three endpoints as the wire writes them, with the RFC 1624
     deltas both directions apply computed once, here, for the one place each kind
@@ -351,26 +353,59 @@ def new_flow(
     :meth:`~gateway.core.lifecycle.FlowLifecycle._create_flow`; an inbound one,
     :meth:`~gateway.core.inbound.Inbound._open_inbound`). Per new flow, never per
     packet. The keys are the caller's: each already has the one its packet carries
-    (``remote_b``/``remote_port_b`` are in them; the flow keeps nothing else of them)."""
-    in2out_l4, out2in_l4 = l4_deltas(proto, backend_b, backend_port_b, public_b, public_port_b)
-    return Flow(
-        proto=proto,
-        scenario=scenario,
-        inside_key=inside_key,
-        outside_key=outside_key,
-        backend_b=backend_b,
-        backend_port=backend_port_b[0] << 8 | backend_port_b[1],
-        public_b=public_b,
-        public_port=public_port_b[0] << 8 | public_port_b[1],
-        block=block,
-        in2out_ip=delta(backend_b, public_b),
-        in2out_l4=in2out_l4,
-        out2in_ip=delta(public_b, backend_b),
-        out2in_l4=out2in_l4,
-        created=now,
-        last_seen=now,
-        timeout=timeout,
-        inbound=inbound,
-        decision=decision,
-        idle=idle,
-    )
+    (``remote_b``/``remote_port_b`` are in them; the flow keeps nothing else of them).
+    ``state``: a TCP flow's first state (:func:`first_state`)."""
+    # The four RFC 1624 deltas from two integers per side (``delta`` without its
+    # bytes joins and conversions: this runs for every new flow).
+    b = int.from_bytes(backend_b, "big")
+    p = int.from_bytes(public_b, "big")
+    bp = backend_port_b[0] << 8 | backend_port_b[1]
+    pp = public_port_b[0] << 8 | public_port_b[1]
+    if proto == ICMP:
+        in2out_l4, out2in_l4 = _delta_int(bp, pp, 0xFFFF), _delta_int(pp, bp, 0xFFFF)
+    else:
+        bi, pi = b << 16 | bp, p << 16 | pp
+        in2out_l4, out2in_l4 = _delta_int(bi, pi, _ONES48), _delta_int(pi, bi, _ONES48)
+    f: Flow = _alloc(TcpFlow if proto == PROTO_TCP else Flow)
+    # What ``Flow.__init__`` stores, without its keyword-argument dicts.
+    f.inside_key = inside_key
+    f.outside_key = outside_key
+    f.backend_b = backend_b
+    f.public_b = public_b
+    f.backend_port = INT16[bp]
+    f.public_port = INT16[pp]
+    f.block = block
+    f.in2out_ip = INT16[_delta_int(b, p, _ONES32)]
+    f.in2out_l4 = INT16[in2out_l4]
+    f.out2in_ip = INT16[_delta_int(p, b, _ONES32)]
+    f.out2in_l4 = INT16[out2in_l4]
+    f.created = now
+    f.last_seen = now
+    f.timeout = timeout
+    f.pkts_out = f.pkts_in = f.bytes_out = f.bytes_in = 0
+    f.wheel_slot = None
+    if proto == PROTO_TCP:
+        f.trk_ack = UNKNOWN
+        f.trk_win = 0
+        f.trk_isn = UNKNOWN
+    f.decision = decision
+    f.idle = idle
+    f._bits = INT16[
+        _PROTO_CODE[proto] | (scenario & 3) << _SCEN_SHIFT | (state & 7) << _STATE_SHIFT
+        | MAX_WSCALE << _SCALE_SHIFT | (_INBOUND if inbound else 0)
+    ]  # fmt: skip
+    return f
+
+
+_alloc = object.__new__
+_ONES32 = (1 << 32) - 1
+_ONES48 = (1 << 48) - 1
+
+
+def _delta_int(old: int, new: int, ones: int) -> int:
+    """:func:`~gateway.core.checksum.delta` of two equal-length fields given as
+    integers (``ones``: the field's all-ones value)."""
+    r = (new - old) % 0xFFFF
+    if r:
+        return r
+    return 0 if old == ones and not new else 0xFFFF

@@ -22,7 +22,11 @@ from gateway.core.block import PORT_BYTES
 from gateway.core.counters import END_COUNTER, Counter
 from gateway.core.events import FlowLimitReached, SnatPortExhausted, SnatPortsHighWater
 from gateway.core.flow import (
+    INBOUND_BIT,
+    INT16,
+    LIVE_BIT,
     MAX_WSCALE,
+    PROTO_OF,
     TCP_TRACK,
     UNKNOWN,
     EndReason,
@@ -43,6 +47,7 @@ from gateway.core.state import Buffer, TableState
 #: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
 HIGH_WATER_HYSTERESIS = 0.1
 _ZERO2 = b"\0\0"
+_C_FLOWS_CREATED = Counter.FLOWS_CREATED.value
 #: At most one ``flow_limit_reached`` per backend per this many seconds.
 FLOW_LIMIT_EVENT_INTERVAL = 60.0
 #: Early drop looks at most this many of a backend's oldest flows not yet seen
@@ -123,29 +128,30 @@ class FlowLifecycle(TableState):
             now=now,
             timeout=self.timeouts.idle,
             decision=decision,
+            state=first_state(buf[ihl + 13]) if proto == PROTO_TCP else TcpState.ACTIVE,
         )
-        if proto == PROTO_TCP:
-            f.state = first_state(buf[ihl + 13])
-            self._track_in2out(f, buf, ihl)
+        # A TCP flow learns the backend's window from this first packet in ``in2out``
+        # right after (its only caller's next step), as from any later one.
         self._add_flow(f, be)
         return f
 
     def _add_flow(self, f: Flow, be: Backend) -> None:
         """Insert both keys of ``f`` and arm its timer: the only way a flow starts."""
-        proto = f.proto
+        bits = f._bits  # the packed fields read at once (``proto``, ``inbound``, ``live``)
+        proto = PROTO_OF[bits & 3]
         self.inside[proto][f.inside_key] = f
         self.outside[proto][f.outside_key] = f
         ips = self._ip_bytes
         f.backend_b = ips.setdefault(f.backend_b, f.backend_b)
         f.public_b = ips.setdefault(f.public_b, f.public_b)
-        f.live = True
+        f._bits = INT16[bits | LIVE_BIT]
         be.flow_list.append(f)
         be.flow_count += 1
         self.flows_live += 1
-        if not f.inbound:
+        if not bits & INBOUND_BIT:
             be.created += 1
         self.wheel.schedule(f, f.last_seen + f.timeout)
-        self.counters[Counter.FLOWS_CREATED] += 1
+        self.counters[_C_FLOWS_CREATED] += 1
 
     def end_flow(self, f: Flow, reason: EndReason, now: float | None = None) -> None:
         """Remove both keys of ``f``, free its port and cancel its timer: the only
@@ -239,17 +245,25 @@ class FlowLifecycle(TableState):
 
     def _tcp_flags(self, f: Flow, flags: int, in2out: bool, now: float) -> None:
         """Apply a FIN, SYN or RST to ``f``'s state (the rules: :func:`tcp_next_state`)."""
-        state, fins = tcp_next_state(f.state, f.fins, flags, in2out, f.inbound)
-        f.fins = fins
-        if state == f.state:
+        old_state, old_fins = f.state, f.fins
+        state, fins = tcp_next_state(old_state, old_fins, flags, in2out, f.inbound)
+        if fins != old_fins:
+            f.fins = fins
+        if state == old_state:
             return
         f.state = state
-        f.timeout = timeout_for(state, self.timeouts, f.idle)
+        old_timeout = f.timeout
+        timeout = f.timeout = timeout_for(state, self.timeouts, f.idle)
         if state == TcpState.SYN_RECEIVED:
             # The remote reopened a closed inbound flow: a new connection, nothing
             # of the backend's window known yet.
             f.trk_ack, f.trk_win, f.trk_scale, f.trk_isn = UNKNOWN, 0, MAX_WSCALE, UNKNOWN
-        self.wheel.schedule(f, now + f.timeout)
+        if timeout < old_timeout:
+            # Only a shorter timeout (a linger) needs an earlier deadline: the one armed
+            # is never later than ``now`` + the old timeout, and when it fires ``_expire``
+            # re-arms at ``last_seen + timeout`` (a move to a state with the same or a
+            # longer timeout costs no wheel entry).
+            self.wheel.schedule(f, now + timeout)
 
     def _expire(self, now: float) -> None:
         """End flows idle past their timeout; re-arm the ones that saw traffic."""

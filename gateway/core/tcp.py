@@ -51,6 +51,9 @@ STATE_TIMEOUT: dict[TcpState, str] = {
     TcpState.SYN_RECEIVED: "idle",
 }
 
+#: ``STATE_TIMEOUT`` by state number (no enum lookup on a state change).
+_TIMEOUT_NAME: tuple[str, ...] = tuple(STATE_TIMEOUT[TcpState(v)] for v in range(len(TcpState)))
+
 #: How the operator's view names each state (``snatgw flows``, metrics).
 STATE_NAMES: dict[int, str] = {s.value: s.name.lower() for s in TcpState}
 
@@ -65,7 +68,7 @@ _SYN_ACK = TcpFlag.SYN | TcpFlag.ACK
 def timeout_for(state: int, timeouts: Timeouts, idle: float = 0.0) -> float:
     """Idle seconds allowed in ``state``; ``idle`` (when not 0) replaces the idle
     timeout (an LB rule's own ``idle_timeout`` on its inbound flows), never a linger."""
-    name = STATE_TIMEOUT[TcpState(state)]
+    name = _TIMEOUT_NAME[state] if 0 <= state < len(_TIMEOUT_NAME) else STATE_TIMEOUT[TcpState(state)]
     if idle and name == "idle":
         return idle
     t: float = getattr(timeouts, name)
