@@ -38,12 +38,17 @@ class Out2In(IcmpErrors):
         comes from the exact remote endpoint of a live flow (or is an ICMP
         error about one)."""
         n = len(buf)
-        ihl = l4_offset(buf, n)
-        if ihl < 0:
-            self.counters[-ihl] += 1
-            return DROP
-        # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
-        key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
+        # l4_offset's answer for a plain 20-byte header, inline (as in In2Out.in2out).
+        if n >= 40 and buf[0] == 0x45 and not (buf[6] & 0x3F or buf[7]):
+            ihl = 20
+            key = KEY(buf, 12)[0]
+        else:
+            ihl = l4_offset(buf, n)
+            if ihl < 0:
+                self.counters[-ihl] += 1
+                return DROP
+            # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
+            key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
         proto = buf[9]
         if proto == PROTO_UDP:
             f = self._udp_outside.get(key)
