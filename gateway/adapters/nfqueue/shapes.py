@@ -28,13 +28,13 @@ from collections.abc import Callable
 
 from gateway.adapters.nfqueue.codec import Kind, Parsed, parse_message
 
-__all__ = ["ShapeCache"]
+__all__ = ["FIRST", "ID", "LEN_TYPE", "NLA", "ShapeCache"]
 
-_LEN_TYPE = struct.Struct("=IH")
-_NLA = struct.Struct("=HH")
-_ID = struct.Struct(">I")
+LEN_TYPE = struct.Struct("=IH")
+NLA = struct.Struct("=HH")
+ID = struct.Struct(">I")
 #: nla_len 11, nla_type 1 (NFQA_PACKET_HDR), native order, at offset 20.
-_FIRST = _NLA.pack(11, 1)
+FIRST = NLA.pack(11, 1)
 _NFQA_CAP_LEN = 13
 _NFQA_PAYLOAD = 10
 #: Shapes kept per queue: in2out and out2in packets on one queue differ in shape.
@@ -57,10 +57,10 @@ class ShapeCache:
         buf: bytearray,
         off: int,
         end: int,
-        _lt: Callable[..., tuple[int, int]] = _LEN_TYPE.unpack_from,
-        _nla: Callable[..., tuple[int, int]] = _NLA.unpack_from,
-        _id: Callable[..., tuple[int]] = _ID.unpack_from,
-        _first: bytes = _FIRST,
+        _lt: Callable[..., tuple[int, int]] = LEN_TYPE.unpack_from,
+        _nla: Callable[..., tuple[int, int]] = NLA.unpack_from,
+        _id: Callable[..., tuple[int]] = ID.unpack_from,
+        _first: bytes = FIRST,
         _packet: Kind = Kind.PACKET,
     ) -> Parsed:
         """What ``parse_message(buf, off, end)`` returns, faster for a known shape.
@@ -88,15 +88,15 @@ class ShapeCache:
         self.misses += 1
         res = parse_message(buf, off, end)
         kind, nxt, _pid, hook, info, poff, plen = res
-        if kind is not Kind.PACKET or end - off < 32 or not buf.startswith(_FIRST, off + 20):
+        if kind is not Kind.PACKET or end - off < 32 or not buf.startswith(FIRST, off + 20):
             return res
-        mlen = _LEN_TYPE.unpack_from(buf, off)[0]
+        mlen = LEN_TYPE.unpack_from(buf, off)[0]
         head = poff - off
         if not 32 <= head < mlen or not 0 <= mlen - head - plen < 4:
             return res
         a = off + 32  # past nlmsghdr, nfgenmsg and NFQA_PACKET_HDR (11 bytes, padded to 12)
         while a < poff - 4:
-            alen, atype = _NLA.unpack_from(buf, a)
+            alen, atype = NLA.unpack_from(buf, a)
             if atype & 0x3FFF == _NFQA_CAP_LEN or alen < 4:
                 return res
             a += (alen + 3) & -4
