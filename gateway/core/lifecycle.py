@@ -31,7 +31,6 @@ from gateway.core.flow import (
     UNKNOWN,
     EndReason,
     Flow,
-    TcpFlag,
     TcpState,
     first_state,
     in_window,
@@ -43,11 +42,24 @@ from gateway.core.flow import (
 from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP
 from gateway.core.security import Decision
 from gateway.core.state import Buffer, TableState
+from gateway.core.tcp import (
+    F_ACK,
+    F_FIN,
+    F_RST,
+    F_SYN,
+    S_ACTIVE,
+    S_CLOSED,
+    S_RESET,
+    S_SYN_RECEIVED,
+    S_SYN_SENT,
+)
 
 #: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
 HIGH_WATER_HYSTERESIS = 0.1
 _ZERO2 = b"\0\0"
 _C_FLOWS_CREATED = Counter.FLOWS_CREATED.value
+_CLOSED, _IDLE = EndReason.CLOSED, EndReason.IDLE
+_DEFAULT = Scenario.DEFAULT
 #: At most one ``flow_limit_reached`` per backend per this many seconds.
 FLOW_LIMIT_EVENT_INTERVAL = 60.0
 #: Early drop looks at most this many of a backend's oldest flows not yet seen
@@ -128,7 +140,7 @@ class FlowLifecycle(TableState):
             now=now,
             timeout=self.timeouts.idle,
             decision=decision,
-            state=first_state(buf[ihl + 13]) if proto == PROTO_TCP else TcpState.ACTIVE,
+            state=first_state(buf[ihl + 13]) if proto == PROTO_TCP else S_ACTIVE,
         )
         # A TCP flow learns the backend's window from this first packet in ``in2out``
         # right after (its only caller's next step), as from any later one.
@@ -159,12 +171,13 @@ class FlowLifecycle(TableState):
         vacancy clock at ``now``, the moment the flow ended (docs/model.md,
         "Resizing"; without ``now``, the table's last timer tick or the flow's
         last packet, whichever is later)."""
-        if not f.live:
+        bits = f._bits  # ``live`` and ``proto`` read at once
+        if not bits & LIVE_BIT:
             return
         if now is None:
             now = max(f.last_seen, self.wheel.current * self.wheel.tick)
-        proto = f.proto
-        f.live = False
+        proto = PROTO_OF[bits & 3]
+        f._bits = INT16[bits & ~LIVE_BIT]
         self.flows_live -= 1
         del self.inside[proto][f.inside_key]
         del self.outside[proto][f.outside_key]
@@ -175,12 +188,12 @@ class FlowLifecycle(TableState):
             inv = block.inventories[proto]
             if not inv.high_armed and inv.in_use < (self.model.high_water - HIGH_WATER_HYSTERESIS) * inv.size:
                 inv.high_armed = True
-        be = self.backends.get(f.backend)
+        be = self.backends.get(int.from_bytes(f.backend_b, "big"))
         if be is not None:
             n = be.flow_count = be.flow_count - 1
             if len(be.flow_list) > n + (n >> 2) + 16:
                 be.compact()
-            if not n and be.scenario == Scenario.DEFAULT:
+            if not n and be.scenario == _DEFAULT:
                 be.vacant_since = now
                 self._vacant[be.ip] = be
                 self._vacant_due = min(self._vacant_due, now + self.timeouts.idle)
@@ -194,20 +207,20 @@ class FlowLifecycle(TableState):
         connection: its sequence + 1, its window shift, nothing acknowledged yet.
         """
         seq, ack, doff, flags, win = TCP_TRACK(buf, ihl + 4)
-        if flags & TcpFlag.SYN:
-            if not flags & (TcpFlag.ACK | TcpFlag.RST) and f.state in _STATE_OPEN:
+        if flags & F_SYN:
+            if not flags & (F_ACK | F_RST) and f.state in _STATE_OPEN:
                 f.trk_isn = (seq + 1) & 0xFFFFFFFF
                 f.trk_scale = syn_wscale(buf, ihl, (doff >> 4) << 2)
                 f.trk_ack = UNKNOWN
                 f.trk_win = 0
-            elif f.state == TcpState.SYN_RECEIVED and flags & TcpFlag.ACK and not flags & TcpFlag.RST:
+            elif f.state == S_SYN_RECEIVED and flags & F_ACK and not flags & F_RST:
                 # The backend answers a flow opened from the outside: its SYN-ACK
                 # announces its window shift and acknowledges the remote's SYN.
                 f.trk_scale = syn_wscale(buf, ihl, (doff >> 4) << 2)
                 f.trk_ack = ack
                 f.trk_win = win
             return
-        if flags & TcpFlag.ACK and not flags & TcpFlag.RST:
+        if flags & F_ACK and not flags & F_RST:
             f.trk_ack = ack
             if win > f.trk_win:
                 f.trk_win = win
@@ -215,7 +228,7 @@ class FlowLifecycle(TableState):
     def _tcp_in2out_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> None:
         """A backend's packet that is not a plain ACK: learn from it, then move the state."""
         flags = buf[ihl + 13]
-        if flags & TcpFlag.SYN and f.state in (TcpState.CLOSED, TcpState.RESET):
+        if flags & F_SYN and f.state in (S_CLOSED, S_RESET):
             self._tcp_flags(f, flags, True, now)
             self._track_in2out(f, buf, ihl)
             return
@@ -230,14 +243,14 @@ class FlowLifecycle(TableState):
         backend's SYN (RFC 9293 section 3.10.7.3: not acceptable; a forged one
         would otherwise open the flow before its window is known)."""
         flags = buf[ihl + 13]
-        if flags & (TcpFlag.FIN | TcpFlag.RST):
+        if flags & (F_FIN | F_RST):
             seq, ack, _doff, _flags, _win = TCP_TRACK(buf, ihl + 4)
             if not in_window(f, flags, seq, ack):
                 self.counters[Counter.DROP_TCP_OUT_OF_WINDOW] += 1
                 return False
-        elif f.state == TcpState.SYN_SENT and f.trk_isn >= 0:
+        elif f.state == S_SYN_SENT and f.trk_isn >= 0:
             seq, ack, _doff, _flags, _win = TCP_TRACK(buf, ihl + 4)
-            if not flags & TcpFlag.ACK or ack != f.trk_isn:
+            if not flags & F_ACK or ack != f.trk_isn:
                 self.counters[Counter.DROP_TCP_OUT_OF_WINDOW] += 1
                 return False
         self._tcp_flags(f, flags, False, now)
@@ -254,7 +267,7 @@ class FlowLifecycle(TableState):
         f.state = state
         old_timeout = f.timeout
         timeout = f.timeout = timeout_for(state, self.timeouts, f.idle)
-        if state == TcpState.SYN_RECEIVED:
+        if state == S_SYN_RECEIVED:
             # The remote reopened a closed inbound flow: a new connection, nothing
             # of the backend's window known yet.
             f.trk_ack, f.trk_win, f.trk_scale, f.trk_isn = UNKNOWN, 0, MAX_WSCALE, UNKNOWN
@@ -271,10 +284,10 @@ class FlowLifecycle(TableState):
             deadline = f.last_seen + f.timeout
             if deadline > now:
                 self.wheel.schedule(f, deadline)
-            elif f.state in (TcpState.CLOSED, TcpState.RESET):
-                self.end_flow(f, EndReason.CLOSED, deadline)
+            elif f.state in (S_CLOSED, S_RESET):
+                self.end_flow(f, _CLOSED, deadline)
             else:
-                self.end_flow(f, EndReason.IDLE, deadline)
+                self.end_flow(f, _IDLE, deadline)
 
     def _admit(self, be: Backend, proto: int, now: float) -> bool:
         """Whether ``be`` may open one more flow under the flow caps (docs/decisions.md,

@@ -33,6 +33,7 @@ _BITS = 6
 _SLOTS = 1 << _BITS
 _MASK = _SLOTS - 1
 _LEVELS = 4
+_SPAN1, _SPAN2, _SPAN3, _SPAN4 = (1 << (_BITS * k) for k in range(1, _LEVELS + 1))
 #: Stale entries tolerated before a sweep, beyond a quarter of the armed count.
 SWEEP_FLOOR = 4096
 
@@ -63,14 +64,20 @@ class TimerWheel:
             self.sweep()
 
     def _place(self, entry: Timed, t: int) -> None:
+        # The level whose span holds the distance, unrolled (this runs once per new flow).
         d = t - self.current
-        level = 0
-        while level < _LEVELS - 1 and d >= 1 << (_BITS * (level + 1)):
-            level += 1
-        limit = self.current + (1 << (_BITS * _LEVELS)) - 1
-        if t > limit:
-            t = limit
-        i = (t >> (_BITS * level)) & _MASK
+        if d < _SPAN1:
+            level, shift = 0, 0
+        elif d < _SPAN2:
+            level, shift = 1, _BITS
+        elif d < _SPAN3:
+            level, shift = 2, 2 * _BITS
+        else:
+            level, shift = 3, 3 * _BITS
+            limit = self.current + _SPAN4 - 1
+            if t > limit:
+                t = limit
+        i = (t >> shift) & _MASK
         slot = self.levels[level][i]
         slot.append(entry)
         self.ticks[level][i].append(t)
