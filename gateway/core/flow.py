@@ -361,11 +361,14 @@ def new_flow(
     p = int.from_bytes(public_b, "big")
     bp = backend_port_b[0] << 8 | backend_port_b[1]
     pp = public_port_b[0] << 8 | public_port_b[1]
+    # ``x % 0xFFFF or _delta_int(...)``: the call only in the rare case the difference folds to 0.
     if proto == ICMP:
-        in2out_l4, out2in_l4 = _delta_int(bp, pp, 0xFFFF), _delta_int(pp, bp, 0xFFFF)
+        in2out_l4 = (pp - bp) % 0xFFFF or _delta_int(bp, pp, 0xFFFF)
+        out2in_l4 = (bp - pp) % 0xFFFF or _delta_int(pp, bp, 0xFFFF)
     else:
         bi, pi = b << 16 | bp, p << 16 | pp
-        in2out_l4, out2in_l4 = _delta_int(bi, pi, _ONES48), _delta_int(pi, bi, _ONES48)
+        in2out_l4 = (pi - bi) % 0xFFFF or _delta_int(bi, pi, _ONES48)
+        out2in_l4 = (bi - pi) % 0xFFFF or _delta_int(pi, bi, _ONES48)
     f: Flow = _alloc(TcpFlow if proto == PROTO_TCP else Flow)
     # What ``Flow.__init__`` stores, without its keyword-argument dicts.
     f.inside_key = inside_key
@@ -375,9 +378,9 @@ def new_flow(
     f.backend_port = INT16[bp]
     f.public_port = INT16[pp]
     f.block = block
-    f.in2out_ip = INT16[_delta_int(b, p, _ONES32)]
+    f.in2out_ip = INT16[(p - b) % 0xFFFF or _delta_int(b, p, _ONES32)]
     f.in2out_l4 = INT16[in2out_l4]
-    f.out2in_ip = INT16[_delta_int(p, b, _ONES32)]
+    f.out2in_ip = INT16[(b - p) % 0xFFFF or _delta_int(p, b, _ONES32)]
     f.out2in_l4 = INT16[out2in_l4]
     f.created = now
     f.last_seen = now

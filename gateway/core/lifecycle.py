@@ -39,7 +39,7 @@ from gateway.core.flow import (
     tcp_next_state,
     timeout_for,
 )
-from gateway.core.model import PROTO_ICMP, PROTO_NAMES, PROTO_TCP
+from gateway.core.model import PROTO_NAMES, PROTO_TCP
 from gateway.core.security import Decision
 from gateway.core.state import Buffer, TableState
 from gateway.core.tcp import (
@@ -56,7 +56,6 @@ from gateway.core.tcp import (
 
 #: Re-arm ``snat_ports_high_water`` once use falls this share of the block below the mark.
 HIGH_WATER_HYSTERESIS = 0.1
-_ZERO2 = b"\0\0"
 _C_FLOWS_CREATED = Counter.FLOWS_CREATED.value
 _CLOSED, _IDLE = EndReason.CLOSED, EndReason.IDLE
 _DEFAULT = Scenario.DEFAULT
@@ -95,16 +94,16 @@ class FlowLifecycle(TableState):
         its own port; None (counted, with an event) when no port is free or a
         flow cap refuses it. ``decision``: the security verdict that admitted it,
         kept on the flow."""
-        if not self._admit(be, proto, now):
+        model = self.model
+        # Under both caps ``_admit`` is True: it is called only near one.
+        cap = -(-model.max_flows // self.shard.count)
+        if (be.flow_count >= model.max_flows_per_backend or self.flows_live >= cap) and not self._admit(
+            be, proto, now
+        ):
             return None
-        backend_b = bytes(buf[12:16])
-        remote_b = bytes(buf[16:20])
-        if proto == PROTO_ICMP:
-            backend_port_b = bytes(buf[ihl + 4 : ihl + 6])
-            remote_port_b = _ZERO2
-        else:
-            backend_port_b = bytes(buf[ihl : ihl + 2])
-            remote_port_b = bytes(buf[ihl + 2 : ihl + 4])
+        # The inside key holds all four, as the wire writes them (an echo's identifier
+        # as the source port, 0 as the destination's).
+        backend_b, remote_b, backend_port_b, remote_port_b = key[:4], key[4:8], key[8:10], key[10:12]
         public_b = be.address.ip.to_bytes(4, "big")
         outside = self.outside[proto]
         block = be.block
