@@ -17,7 +17,7 @@ from __future__ import annotations
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
 from gateway.core.flow import TCP_ACK_WIN, Flow
-from gateway.core.header import H_IP, KEY, UDP_HEADER, Buffer, H, l4_offset
+from gateway.core.header import H_IP, HEAD, KEY, UDP_HEADER, Buffer, H, l4_offset
 from gateway.core.icmp_error import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
@@ -43,9 +43,26 @@ class In2Out(IcmpErrors):
         n = len(buf)
         # What l4_offset answers for a 20-byte header, unfragmented, with room for any
         # transport header (n >= 40), checked inline; every other packet asks it.
-        if n >= 40 and buf[0] == 0x45 and not (buf[6] & 0x3F or buf[7]):
+        if n >= 40 and (h := HEAD(buf, 0))[0] == 0x45 and not h[1] & 0x3FFF:
+            _v, _fr, proto, ipc, key, _ln, c = h
             ihl = 20
-            key = KEY(buf, 12)[0]
+            if proto == PROTO_UDP and (f := self._udp_inside.get(key)) is not None:
+                # A UDP packet of a live flow, written from the one unpack (as below).
+                if c:
+                    c -= f.in2out_l4
+                    if c <= 0:
+                        c += 0xFFFF
+                H.pack_into(buf, 20, f.public_port)
+                H.pack_into(buf, 26, c)
+                ipc -= f.in2out_ip
+                if ipc < 0:
+                    ipc += 0xFFFF
+                H_IP.pack_into(buf, 10, ipc, f.public_b)
+                f.last_seen = now
+                f.pkts_out += 1
+                f.bytes_out += n
+                self.counters[_C_IN2OUT] += 1
+                return ACCEPT_MODIFIED
         else:
             ihl = l4_offset(buf, n)
             if ihl < 0:
@@ -53,7 +70,7 @@ class In2Out(IcmpErrors):
                 return DROP
             # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
             key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-        proto = buf[9]
+            proto = buf[9]
         if proto == PROTO_UDP:
             f = self._udp_inside.get(key)
             if f is None:

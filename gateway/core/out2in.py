@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from gateway.core.checksum import apply
 from gateway.core.counters import Counter
-from gateway.core.header import KEY, UDP_HEADER, Buffer, H, l4_offset
+from gateway.core.header import HEAD, KEY, UDP_HEADER, UDP_PORT_ON, Buffer, H, l4_offset
 from gateway.core.icmp_error import ICMP_ECHO_REQUEST, ICMP_ERRORS, ZERO2, IcmpErrors, icmp_checksum_ok
 from gateway.core.model import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from gateway.core.verdict import ACCEPT_MODIFIED_MARK, DROP, Verdict
@@ -39,9 +39,24 @@ class Out2In(IcmpErrors):
         error about one)."""
         n = len(buf)
         # l4_offset's answer for a plain 20-byte header, inline (as in In2Out.in2out).
-        if n >= 40 and buf[0] == 0x45 and not (buf[6] & 0x3F or buf[7]):
+        if n >= 40 and (h := HEAD(buf, 0))[0] == 0x45 and not h[1] & 0x3FFF:
+            _v, _fr, proto, ipc, key, ln, c = h
             ihl = 20
-            key = KEY(buf, 12)[0]
+            if proto == PROTO_UDP and (f := self._udp_outside.get(key)) is not None:
+                # A UDP packet of a live flow, written from the one unpack (as below).
+                if c:
+                    c = (c - f.out2in_l4 - 1) % 0xFFFF + 1
+                UDP_PORT_ON.pack_into(buf, 22, f.backend_port, ln, c)
+                ipc -= f.out2in_ip
+                if ipc < 0:
+                    ipc += 0xFFFF
+                H.pack_into(buf, 10, ipc)
+                buf[16:20] = f.backend_b
+                self.counters[_C_OUT2IN] += 1
+                f.last_seen = now
+                f.pkts_in += 1
+                f.bytes_in += n
+                return ACCEPT_MODIFIED_MARK
         else:
             ihl = l4_offset(buf, n)
             if ihl < 0:
@@ -49,7 +64,7 @@ class Out2In(IcmpErrors):
                 return DROP
             # The flow key of TCP and UDP (ICMP makes its own): addresses, then ports.
             key = KEY(buf, 12)[0] if ihl == 20 else bytes(buf[12:20]) + bytes(buf[ihl : ihl + 4])
-        proto = buf[9]
+            proto = buf[9]
         if proto == PROTO_UDP:
             f = self._udp_outside.get(key)
             if f is None:
