@@ -192,8 +192,7 @@ class NetlinkQueue:
 
     @mark.setter
     def mark(self, value: int) -> None:
-        self._writer.mark = value
-        self._writer.be_mark = socket.htonl(value)
+        self._writer.set_mark(value)
 
     @property
     def errors(self) -> int:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 from collections.abc import Callable
 
 from gateway.adapters.nfqueue.codec import (
     NLM_F_REQUEST,
     T_VERDICT,
-    V_MANGLE,
-    V_MANGLE_MARK,
     V_SIMPLE,
     ZEROS,
     pack_batch_into,
@@ -38,6 +37,15 @@ _AF_UNSPEC = socket.AF_UNSPEC
 BE_ACCEPT = socket.htonl(Verdict.ACCEPT)
 BE_DROP = socket.htonl(Verdict.DROP)
 
+#: codec.V_MANGLE / V_MANGLE_MARK with the per-queue constant runs as byte strings:
+#: nlmsg_len, (type, flags), seq, (portid, nfgenmsg, NFQA_VERDICT_HDR header and
+#: verdict), packet id, [NFQA_MARK attribute,] NFQA_PAYLOAD header.
+_MANGLE = struct.Struct("=I4sI16sIHH")
+_MANGLE_MARK = struct.Struct("=I4sI16sI8sHH")
+_TF = struct.Struct("=HH")
+_FIXED = struct.Struct("=IBBHHHI")
+_NLA_U32 = struct.Struct("=HHI")
+
 
 class VerdictWriter:
     """The verdicts of one drain, gathered for as few ``sendmsg`` calls as possible.
@@ -51,7 +59,8 @@ class VerdictWriter:
     """
 
     __slots__ = (
-        "_sock", "_out", "_out_mv", "_ring_mv", "queue", "_qbe", "mark", "be_mark", "send_cap",
+        "_sock", "_out", "_out_mv", "_ring_mv", "queue", "_qbe", "mark", "be_mark", "send_cap", "_fixed",
+        "_mark_attr",
         "segs", "w", "seg_start", "pend", "in_run", "run_last", "batch", "send_failures",
     )  # fmt: skip
 
@@ -62,8 +71,11 @@ class VerdictWriter:
         self._ring_mv = ring_mv
         self.queue = queue
         self._qbe = socket.htons(queue)
-        self.mark = 0
-        self.be_mark = 0
+        #: A mangled verdict's bytes that are the same for every packet of this queue:
+        #: nlmsg_type and flags, then portid, nfgenmsg and NFQA_VERDICT_HDR up to the id.
+        self._fixed = (_TF.pack(T_VERDICT, NLM_F_REQUEST),
+                       _FIXED.pack(0, _AF_UNSPEC, 0, self._qbe, 12, 2, BE_ACCEPT))  # fmt: skip
+        self.set_mark(0)
         #: Most payload bytes in one sendmsg (netlink refuses more than sk_sndbuf - 32).
         self.send_cap = send_cap
         #: Batch accepts cover every queued id up to the last one: only safe
@@ -72,6 +84,12 @@ class VerdictWriter:
         self.send_failures = 0
         self.segs: list[memoryview | bytes] = []
         self.reset()
+
+    def set_mark(self, mark: int) -> None:
+        """The mark ACCEPT_MODIFIED_MARK verdicts set (and its NFQA_MARK attribute, packed once)."""
+        self.mark = mark
+        self.be_mark = socket.htonl(mark)
+        self._mark_attr = _NLA_U32.pack(8, 3, self.be_mark)
 
     def reset(self) -> None:
         """Forget what was sent: empty iovecs, empty ``out``, a new run may start."""
@@ -123,13 +141,9 @@ class VerdictWriter:
         poff: int,
         plen: int,
         marked: bool,
-        _pack: Callable[..., None] = V_MANGLE.pack_into,
-        _pack_mark: Callable[..., None] = V_MANGLE_MARK.pack_into,
+        _pack: Callable[..., None] = _MANGLE.pack_into,
+        _pack_mark: Callable[..., None] = _MANGLE_MARK.pack_into,
         _htonl: Callable[[int], int] = socket.htonl,
-        _t: int = T_VERDICT,
-        _req: int = NLM_F_REQUEST,
-        _af: int = _AF_UNSPEC,
-        _acc: int = BE_ACCEPT,
     ) -> None:
         """Accept with the payload at ``ring[poff:poff + plen]`` (message at ``moff``).
 
@@ -137,7 +151,9 @@ class VerdictWriter:
         (3),) and NFQA_PAYLOAD (10) header overwrite the packet message's own
         header and attributes, which end right where the payload starts, so
         the whole verdict is one contiguous slice of the ring (no copy) and
-        the netlink padding after the payload is the message's own slot.
+        the netlink padding after the payload is the message's own slot. The
+        bytes that never change are packed once (``_fixed``, ``_mark_attr``):
+        the same layout as codec.V_MANGLE(_MARK), from 7 or 8 arguments instead of 14 or 17.
         """
         segs = self.segs
         if self.pend + plen > self.send_cap or len(segs) >= _IOV_LIMIT:
@@ -150,19 +166,18 @@ class VerdictWriter:
             segs.append(self._out_mv[self.seg_start : w])
             self.seg_start = w
         ring = self._ring_mv
+        tf, fixed = self._fixed
         if marked:
             h = poff - 44
             if h >= moff:  # true when any attribute besides NFQA_PACKET_HDR was sent
-                _pack_mark(ring, h, 44 + plen, _t, _req, pid, 0, _af, 0, self._qbe, 12, 2, _acc,
-                           _htonl(pid), 8, 3, self.be_mark, 4 + plen, 10)  # fmt: skip
+                _pack_mark(ring, h, 44 + plen, tf, pid, fixed, _htonl(pid), self._mark_attr, 4 + plen, 10)
                 segs.append(ring[h : (poff + plen + 3) & -4])
                 self.pend += plen
                 return
         else:
             h = poff - 36
             if h >= moff:  # always true for messages built by the kernel
-                _pack(ring, h, 36 + plen, _t, _req, pid, 0, _af, 0, self._qbe, 12, 2, _acc,
-                      _htonl(pid), 4 + plen, 10)  # fmt: skip
+                _pack(ring, h, 36 + plen, tf, pid, fixed, _htonl(pid), 4 + plen, 10)
                 segs.append(ring[h : (poff + plen + 3) & -4])
                 self.pend += plen
                 return
