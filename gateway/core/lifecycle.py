@@ -48,8 +48,6 @@ from gateway.core.tcp import (
     F_RST,
     F_SYN,
     S_ACTIVE,
-    S_CLOSED,
-    S_RESET,
     S_SYN_RECEIVED,
     S_SYN_SENT,
 )
@@ -69,6 +67,7 @@ EARLY_DROP_SCAN = 64
 #: seconds while the table is at ``max_flows`` (a scan of every backend).
 HOG_RESCAN = 1.0
 _STATE_OPEN = (TcpState.SYN_SENT, TcpState.CLOSED, TcpState.RESET)
+_STATE_ENDED = (TcpState.CLOSED, TcpState.RESET)
 
 
 def _replied(f: Flow) -> bool:
@@ -227,12 +226,15 @@ class FlowLifecycle(TableState):
     def _tcp_in2out_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> None:
         """A backend's packet that is not a plain ACK: learn from it, then move the state."""
         flags = buf[ihl + 13]
-        if flags & F_SYN and f.state in (S_CLOSED, S_RESET):
+        state = f.state
+        if flags & F_SYN and state in _STATE_ENDED:
             self._tcp_flags(f, flags, True, now)
             self._track_in2out(f, buf, ihl)
             return
         self._track_in2out(f, buf, ihl)
-        if flags & 7:
+        # A backend's SYN moves no state but SYN-RECEIVED's (tcp_next_state): the SYN
+        # of every connection it opens costs no state-change call.
+        if flags & (F_FIN | F_RST) or (flags & F_SYN and state == S_SYN_RECEIVED):
             self._tcp_flags(f, flags, True, now)
 
     def _tcp_out2in_flags(self, f: Flow, buf: Buffer, ihl: int, now: float) -> bool:
@@ -283,7 +285,7 @@ class FlowLifecycle(TableState):
             deadline = f.last_seen + f.timeout
             if deadline > now:
                 self.wheel.schedule(f, deadline)
-            elif f.state in (S_CLOSED, S_RESET):
+            elif f.state in _STATE_ENDED:
                 self.end_flow(f, _CLOSED, deadline)
             else:
                 self.end_flow(f, _IDLE, deadline)
