@@ -34,7 +34,7 @@ from gateway.adapters.nfqueue.codec import (
     packet_mark,
     parse,
 )
-from gateway.adapters.nfqueue.shapes import FIRST, ID, LEN_TYPE, NLA, ShapeCache
+from gateway.adapters.nfqueue.shapes import NLA, TOP, ShapeCache
 from gateway.adapters.nfqueue.verdicts import BE_ACCEPT, BE_DROP, VerdictWriter
 from gateway.core.verdict import Verdict
 
@@ -284,8 +284,7 @@ class NetlinkQueue:
         # ShapeCache.parse's hit test, inline (a call and a 7-tuple less per packet);
         # a message it does not settle goes to parse_. The list is only changed in place.
         known = cache.shapes
-        lt, nla, id_, sw = LEN_TYPE.unpack_from, NLA.unpack_from, ID.unpack_from, ring.startswith
-        first = FIRST
+        top, nla, sw, ntohl = TOP.unpack_from, NLA.unpack_from, ring.startswith, socket.ntohl
         fast = 0
         ring_limit = len(ring) - _MAX_DGRAM
         dontwait = socket.MSG_DONTWAIT
@@ -315,15 +314,15 @@ class NetlinkQueue:
                 moff = off
                 kind = None
                 if known and end - off >= 32:
-                    mlen, mtype = lt(ring, off)
-                    if mtype == 0x300 and mlen <= end - off and sw(first, off + 20):
+                    mlen, mtype, alen, atype, pid = top(ring, off)
+                    if mtype == 0x300 and mlen <= end - off and alen == 11 and atype == 1:  # NFQA_PACKET_HDR
                         for head, skel, hook, info in known:  # noqa: B007 (kept after the break)
                             if head < mlen and sw(skel, off + 28):
                                 alen, atype = nla(ring, off + head - 4)
                                 plen = alen - 4
                                 if atype == 10 and plen > 0 and 0 <= mlen - head - plen < 4:  # NFQA_PAYLOAD
                                     kind = packet
-                                    pid = id_(ring, off + 24)[0]
+                                    pid = ntohl(pid)
                                     poff = off + head
                                     off += (mlen + 3) & -4
                                     if off > end:

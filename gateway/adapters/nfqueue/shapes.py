@@ -28,13 +28,16 @@ from collections.abc import Callable
 
 from gateway.adapters.nfqueue.codec import Kind, Parsed, parse_message
 
-__all__ = ["FIRST", "ID", "LEN_TYPE", "NLA", "ShapeCache"]
+__all__ = ["FIRST", "ID", "LEN_TYPE", "NLA", "TOP", "ShapeCache"]
 
 LEN_TYPE = struct.Struct("=IH")
 NLA = struct.Struct("=HH")
 ID = struct.Struct(">I")
 #: nla_len 11, nla_type 1 (NFQA_PACKET_HDR), native order, at offset 20.
 FIRST = NLA.pack(11, 1)
+#: nlmsg_len, nlmsg_type, the first attribute's header and the packet id (as stored,
+#: big endian: ``socket.ntohl`` it) in one unpack.
+TOP = struct.Struct("=IH14xHHI")
 _NFQA_CAP_LEN = 13
 _NFQA_PAYLOAD = 10
 #: Shapes kept per queue: in2out and out2in packets on one queue differ in shape.
