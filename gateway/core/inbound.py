@@ -42,6 +42,9 @@ from gateway.core.shard import backend_owner
 from gateway.core.state import Buffer
 
 _ZERO2 = b"\0\0"
+_SYN_RECEIVED, _ACTIVE = TcpState.SYN_RECEIVED, TcpState.ACTIVE
+_INSTANCE_IP, _LB = Scenario.INSTANCE_IP, Scenario.LB
+_C_INBOUND_CREATED = Counter.INBOUND_FLOWS_CREATED.value
 #: The IP protocols of an LB rule's ``protocol`` (Azure's "All" is TCP and UDP).
 RULE_PROTOCOLS: dict[str, tuple[int, ...]] = {
     "tcp": (PROTO_TCP,),
@@ -230,8 +233,7 @@ class Inbound(Placement):
         says no (``drop_security_denied``, before anything is taken), a flow cap
         refuses it, or the backend's side of the flow is taken."""
         c = self.counters
-        remote_b = bytes(buf[12:16])
-        public_b = bytes(buf[16:20])
+        remote_b, public_b = key[:4], key[4:8]  # the outside key starts with both addresses
         public = int.from_bytes(public_b, "big")
         if proto == PROTO_ICMP:
             port_b = key[10:12]
@@ -249,7 +251,7 @@ class Inbound(Placement):
             if backend < 0:
                 c[Counter.DROP_NO_FLOW] += 1
                 return None
-            backend_port_b, scenario, idle, opening = port_b, Scenario.INSTANCE_IP, 0.0, False
+            backend_port_b, scenario, idle, opening = port_b, _INSTANCE_IP, 0.0, False
         else:
             healthy = t.mine
             if not healthy:
@@ -261,7 +263,7 @@ class Inbound(Placement):
                 backend = pick_member(healthy, t.distribution, proto, remote_b, public_b, key[8:12])
             backend_port_b, scenario, idle, opening = (
                 PORT_BYTES[t.backend_port],
-                Scenario.LB,
+                _LB,
                 t.idle,
                 t.opening,
             )
@@ -303,11 +305,10 @@ class Inbound(Placement):
             decision=decision,
             inbound=True,
             idle=idle,
+            state=_SYN_RECEIVED if proto == PROTO_TCP else _ACTIVE,
         )
-        if proto == PROTO_TCP:
-            f.state = TcpState.SYN_RECEIVED
         self._add_flow(f, be)
-        c[Counter.INBOUND_FLOWS_CREATED] += 1
+        c[_C_INBOUND_CREATED] += 1
         return f
 
     def _inbound_owner(self, backend: int, now: float) -> Backend | None:
