@@ -59,6 +59,8 @@ _MAX_DGRAM = 65536 + 4096
 #: sent, so it holds ~15 GSO super-packets or thousands of small packets.
 _RING_SIZE = 1 << 20
 _SNDBUF = 4 << 20
+#: Datagrams start on these boundaries in the ring (``NetlinkQueue._tails``).
+_SLOT = 256
 
 
 class NetlinkQueue:
@@ -173,6 +175,9 @@ class NetlinkQueue:
         self.requeue_to = ()
         self._ring = bytearray(_RING_SIZE)
         self._ring_mv = memoryview(self._ring)
+        #: The ring from every 256-byte boundary on, made once: a datagram is received
+        #: at one of them (no memoryview slice per recv).
+        self._tails = [self._ring_mv[i:] for i in range(0, _RING_SIZE, _SLOT)]
         #: Packet messages parsed by their shape (shapes.py): 0.6 us instead of 1.2-1.8.
         self.shapes = ShapeCache()
         try:
@@ -278,6 +283,7 @@ class NetlinkQueue:
         recv_into = sock.recv_into
         ring = self._ring
         rmv = self._ring_mv
+        tails = self._tails
         wr = self._writer
         cache = self.shapes
         parse_ = cache.parse  # parse_message's answer, by the message's shape
@@ -298,7 +304,7 @@ class NetlinkQueue:
                 wr.flush()
                 roff = 0
             try:
-                n = recv_into(rmv[roff:] if roff else rmv, 0, dontwait)
+                n = recv_into(tails[roff >> 8], 0, dontwait)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -364,7 +370,7 @@ class NetlinkQueue:
                         self._errors += 1
                     wr.verdict(pid, drp)
             if keep:
-                roff = (end + 7) & -8
+                roff = (end + _SLOT - 1) & -_SLOT
         cache.hits += fast
         wr.flush()
         return handled
