@@ -72,7 +72,7 @@ def measure(packets: int, repeats: int, batches: Sequence[int]) -> dict[str, Any
             q = NetlinkQueue.__new__(NetlinkQueue)
             q._attach(ours, QUEUE)
             if mode == "parse_message":
-                q.shapes = SimpleNamespace(parse=parse_message)  # type: ignore[assignment]
+                q.shapes = SimpleNamespace(parse=parse_message, shapes=[], hits=0)  # type: ignore[assignment]
             best = float("inf")
             for _ in range(repeats):
                 spent = 0.0
