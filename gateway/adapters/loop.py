@@ -134,6 +134,7 @@ class PacketLoop:
         self.nfq: NetfilterQueue | None = None
         self.sock: socket.socket | None = None
         self.queues: list[NetlinkQueue] = []
+        self._nl_packet = self._bind_handler()  # type: ignore[method-assign,assignment]
         try:
             if client == "netfilterqueue":
                 self.nfq = NetfilterQueue()
@@ -181,24 +182,42 @@ class PacketLoop:
             pkt.drop()
 
     def _nl_packet(self, payload: memoryview, hook: int, skbinfo: int) -> int:
+        """The netlink client's handler: dispatch by hook, drop and count what raises.
+
+        A loop made by ``__init__`` has this replaced on the instance by the
+        same function with the table's entry points bound once
+        (:meth:`_bind_handler`, one call and a few lookups less per packet).
+        """
+        return self._bind_handler()(payload, hook, skbinfo)
+
+    def _bind_handler(self) -> Callable[[memoryview, int, int], int]:
+        """:meth:`_nl_packet` for the current table, as a closure (per-packet path)."""
         table = self.table
-        try:
-            if hook == _POST_ROUTING:
-                verdict = table.in2out(payload, self.now)
-            elif hook == _PRE_ROUTING:
-                verdict = table.out2in(payload, self.now)
-            elif hook == _HAIRPIN:
-                verdict = table.hairpin(payload, self.now)
-            elif hook == _LOCAL_OUT:
-                verdict = table.local_out(payload, self.now)
-            else:
-                verdict = self._requeued(payload, hook)
-            if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0
-                fill_l4_checksum(payload)
-        except Exception:  # as above: drop and count, never stop the loop
-            table.count_internal_error()
-            return DROP
-        return verdict
+        in2out, out2in, hairpin, local_out = table.in2out, table.out2in, table.hairpin, table.local_out
+        count_internal_error = table.count_internal_error
+        requeued = self._requeued
+        loop = self
+
+        def handle(payload: memoryview, hook: int, skbinfo: int) -> int:
+            try:
+                if hook == _POST_ROUTING:
+                    verdict = in2out(payload, loop.now)
+                elif hook == _PRE_ROUTING:
+                    verdict = out2in(payload, loop.now)
+                elif hook == _HAIRPIN:
+                    verdict = hairpin(payload, loop.now)
+                elif hook == _LOCAL_OUT:
+                    verdict = local_out(payload, loop.now)
+                else:
+                    verdict = requeued(payload, hook)
+                if verdict and skbinfo & _CSUMNOTREADY and not skbinfo & _GSO:  # DROP is 0
+                    fill_l4_checksum(payload)
+            except Exception:  # as in _nfq_packet: drop and count, never stop the loop
+                count_internal_error()
+                return DROP
+            return verdict
+
+        return handle
 
     def _requeued(self, payload: memoryview, hook: int) -> Verdict:
         """A packet another worker handed on (``Hook.REQUEUED`` in ``hook``; the
