@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench_config import gateway_config
+
 from gateway.core.shard import backend_owner
-from gateway.lab.layout import FRONTEND_IP, INSTANCE_BACKEND, INSTANCE_PUBLIC, SERVER, extra_backend_addresses
+from gateway.lab.layout import FRONTEND_IP, SERVER, extra_backend_addresses
 
 #: First iperf3 port of the curve's servers (one per sender; the rounds use 5201-5204).
 CURVE_PORT_BASE = 5301
@@ -50,35 +52,7 @@ def pick_backends(workers: int, per_worker: int = 2) -> list[str]:
 
 def curve_config(backends: Sequence[str], workers: int, queue: int) -> str:
     """The bench config with ``backends`` as the pool and ``workers`` set; defaults otherwise."""
-    members = ", ".join(f'"{b}"' for b in backends)
-    return f"""\
-# Written by scripts/bench_workers.py (workers curve).
-[gateway]
-inside = "in0"
-outside = "out0"
-queue = {queue}
-workers = {workers}
-
-[[frontends]]
-name = "fe-bench"
-ip = "{FRONTEND_IP}"
-
-[[pools]]
-name = "bench"
-members = [{members}]
-
-[[lb_rules]]
-name = "http"
-frontend = "fe-bench"
-pool = "bench"
-protocol = "tcp"
-frontend_port = 80
-backend_port = 8080
-
-[[instance_ips]]
-private = "{INSTANCE_BACKEND}"
-public = "{INSTANCE_PUBLIC}"
-"""
+    return gateway_config(queue=queue, workers=workers, members=backends)
 
 
 def process_tree(pid: int) -> list[int]:
