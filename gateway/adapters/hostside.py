@@ -82,6 +82,17 @@ class HostSide:
         self.log.error("config_rejected", **fields)
         return {"applied": False, **fields}
 
+    def _hairpin_sysctls(self, cfg: GatewayConfig) -> None:
+        """Before the rules: a hairpinned packet needs ``accept_local`` from its first
+        (recorded and put back at stop); strict ``rp_filter`` still drops them, so say so."""
+        system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
+        if system.strict_rp_filter(cfg.inside):
+            self.log.warning(
+                "hairpin_blocked_by_rp_filter", interface=cfg.inside,
+                problem="strict reverse-path filtering (rp_filter 1) drops hairpinned packets; "
+                "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
+            )  # fmt: skip
+
     def _check_probe_source(self, cfg: GatewayConfig) -> None:
         """Warn when probes cannot be sent from ``probe_source`` (not an address of this
         host): every probe then fails and its members stay down."""

@@ -106,14 +106,7 @@ class Gateway(HostSide):
             raise
         stop_metrics = None
         try:
-            # Before the rules: a hairpinned packet needs accept_local from its first.
-            system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
-            if system.strict_rp_filter(cfg.inside):
-                self.log.warning(
-                    "hairpin_blocked_by_rp_filter", interface=cfg.inside,
-                    problem="strict reverse-path filtering (rp_filter 1) drops hairpinned packets; "
-                    "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
-                )  # fmt: skip
+            self._hairpin_sysctls(cfg)
             probes = bool(cfg.model.probes)
             iptables.apply(cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue, probes=probes)
             # After the rules, removed before the guard: a public address is never

@@ -123,13 +123,7 @@ class Supervisor(HostSide):
                 cfg.control_max_clients,
             )  # fmt: skip
             set_up = True
-            system.set_sysctls(STATE_DIR, system.hairpin_sysctls(cfg.inside))
-            if system.strict_rp_filter(cfg.inside):
-                self.log.warning(
-                    "hairpin_blocked_by_rp_filter", interface=cfg.inside,
-                    problem="strict reverse-path filtering (rp_filter 1) drops hairpinned packets; "
-                    "set net.ipv4.conf.all.rp_filter and the inside interface's to 2 (loose) or 0",
-                )  # fmt: skip
+            self._hairpin_sysctls(cfg)
             iptables.apply(
                 cfg.inside, cfg.outside, cfg.queue, self.publics, self.tcp_queue,
                 probes=bool(cfg.model.probes), workers=self.count, owners=self.owners(cfg),
